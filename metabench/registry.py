@@ -1,0 +1,113 @@
+"""Name -> object registries with lazy ``"module:attr"`` targets and did-you-mean errors.
+
+Lazy targets keep ``import metabench`` fast (baselines that import peft load only when used),
+and a Python entry-point group lets a separately installed package add entries.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from typing import Generic, TypeVar
+
+__all__ = ["Registry", "RegistryError", "suggest"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """An unknown or duplicate name; the message is one sentence meant for a person."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def suggest(name: str, choices: list[str]) -> str:
+    """Return ' Did you mean "x"?' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f' Did you mean "{close[0]}"?' if close else ""
+
+
+class Registry(Generic[T]):
+    """A named collection of objects (classes, factories, specs).
+
+    Args:
+        kind: what the entries are ("learner", "backbone", "source"), used in error messages.
+        entry_point_group: optional ``importlib.metadata`` group scanned once on first lookup.
+    """
+
+    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._objects: dict[str, T] = {}
+        self._lazy: dict[str, str] = {}
+        self._scanned = entry_point_group is None
+
+    def register(self, name: str, target: str | T | None = None) -> Callable[[T], T] | None:
+        """Register ``target`` under ``name``; without a target, return a decorator.
+
+        A string target ``"package.module:attr"`` is imported on first use.
+        """
+        if name in self._objects or (name in self._lazy and target is not None):
+            raise RegistryError(f'{self.kind} "{name}" is registered twice; pick another name.')
+        if target is None:
+
+            def decorator(obj: T) -> T:
+                # A decorator may run while its own lazy entry is being resolved: that is no clash.
+                self._lazy.pop(name, None)
+                self._objects[name] = obj
+                return obj
+
+            return decorator
+        if isinstance(target, str):
+            self._lazy[name] = target
+        else:
+            self._objects[name] = target
+        return None
+
+    def _scan_entry_points(self) -> None:
+        if self._scanned:
+            return
+        self._scanned = True
+        for ep in entry_points(group=self.entry_point_group or ""):
+            if ep.name in self._objects or ep.name in self._lazy:
+                log.warning("Ignoring entry point %s: %s %r already exists", ep.value, self.kind, ep.name)
+                continue
+            self._lazy[ep.name] = ep.value
+
+    def names(self) -> list[str]:
+        """All registered names, sorted."""
+        self._scan_entry_points()
+        return sorted({*self._objects, *self._lazy})
+
+    def get(self, name: str) -> T:
+        """Return the object for ``name``, importing a lazy target if needed."""
+        self._scan_entry_points()
+        if name in self._objects:
+            return self._objects[name]
+        if name not in self._lazy:
+            raise RegistryError(
+                f'Unknown {self.kind} "{name}".{suggest(name, self.names())} '
+                f"Known: {', '.join(self.names())}."
+            )
+        module_name, _, attr = self._lazy[name].partition(":")
+        module = importlib.import_module(module_name)
+        # Importing the module may itself have registered the name through the decorator.
+        obj = self._objects.get(name) or getattr(module, attr)
+        self._objects[name] = obj
+        del self._lazy[name]
+        return obj
+
+    def __contains__(self, name: object) -> bool:
+        self._scan_entry_points()
+        return name in self._objects or name in self._lazy
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
