@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import sys
+from pathlib import Path
 import logging
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
-__all__ = ["Registry", "RegistryError", "suggest"]
+__all__ = ["Registry", "RegistryError", "load_plugins", "suggest"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,6 +33,14 @@ def suggest(name: str, choices: list[str]) -> str:
     """Return ' Did you mean "x"?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f' Did you mean "{close[0]}"?' if close else ""
+
+
+def _same_definition(a: object, b: object) -> bool:
+    """True when ``b`` is ``a`` or a re-import of the same definition (a module loaded again)."""
+    if a is b:
+        return True
+    key = lambda o: (getattr(o, "__module__", None), getattr(o, "__qualname__", None))  # noqa: E731
+    return key(a)[1] is not None and key(a) == key(b)
 
 
 class Registry(Generic[T]):
@@ -52,11 +63,15 @@ class Registry(Generic[T]):
 
         A string target ``"package.module:attr"`` is imported on first use.
         """
-        if name in self._objects or (name in self._lazy and target is not None):
+        if target is not None and (
+            name in self._lazy or (name in self._objects and not _same_definition(self._objects[name], target))
+        ):
             raise RegistryError(f'{self.kind} "{name}" is registered twice; pick another name.')
         if target is None:
 
             def decorator(obj: T) -> T:
+                if name in self._objects and not _same_definition(self._objects[name], obj):
+                    raise RegistryError(f'{self.kind} "{name}" is registered twice; pick another name.')
                 # A decorator may run while its own lazy entry is being resolved: that is no clash.
                 self._lazy.pop(name, None)
                 self._objects[name] = obj
@@ -99,7 +114,7 @@ class Registry(Generic[T]):
         # Importing the module may itself have registered the name through the decorator.
         obj = self._objects.get(name) or getattr(module, attr)
         self._objects[name] = obj
-        del self._lazy[name]
+        self._lazy.pop(name, None)
         return obj
 
     def __contains__(self, name: object) -> bool:
@@ -111,3 +126,19 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.names())
+
+
+def load_plugins(plugins: list[str]) -> None:
+    """Import each plugin (a ``.py`` file or a module name) so that its registry decorators run."""
+    for plugin in plugins:
+        if plugin.endswith(".py"):
+            path = Path(plugin)
+            if not path.is_file():
+                raise FileNotFoundError(f"Plugin file {plugin} does not exist; pass the path of a .py file.")
+            module_name = f"metabench_plugin_{path.stem}"
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(plugin)

@@ -1,0 +1,236 @@
+"""Meta-Dataset episode rules as small pure functions.
+
+Every function takes its ``np.random.Generator`` explicitly, so the caller decides the seeding
+(one generator per episode in the loader) and results never depend on hidden global state or on
+how many data workers run. The rules follow Meta-Dataset's ``EpisodeDescriptionSampler``:
+ways ~ U{min_ways..min(max_ways, C)}, balanced queries, a support budget drawn with a uniform
+beta, and per-class shots proportional to log-uniformly perturbed class sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from episodes.episode import Split
+from episodes.spec import DatasetSpec, parse_split
+
+__all__ = [
+    "EpisodeDescription",
+    "SamplerConfig",
+    "check_split",
+    "compute_num_query",
+    "sample_class_ids",
+    "sample_episode_description",
+    "sample_num_support_per_class",
+    "sample_num_ways",
+    "sample_support_set_size",
+]
+
+MODES = ("variable", "fixed")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Episode shape. ``variable`` is Meta-Dataset's variable-way variable-shot protocol;
+    ``fixed`` gives ``way``-way ``shot``-shot episodes with ``query`` queries per class."""
+
+    mode: str = "variable"
+    way: int = 5
+    shot: int = 5
+    query: int = 15
+    min_ways: int = 5
+    max_ways_upper_bound: int = 50
+    max_num_query: int = 10
+    max_support_set_size: int = 500
+    max_support_size_contrib_per_class: int = 100
+    min_log_weight: float = math.log(0.5)
+    max_log_weight: float = math.log(2)
+    use_bilevel_hierarchy: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f'Sampler mode "{self.mode}" is unknown; use "variable" or "fixed".')
+        for key in ("way", "shot", "query", "min_ways", "max_num_query", "max_support_size_contrib_per_class"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"Sampler setting {key}={getattr(self, key)} must be at least 1.")
+        if self.max_ways_upper_bound < self.min_ways:
+            raise ValueError(
+                f"Sampler setting max_ways_upper_bound={self.max_ways_upper_bound} is below min_ways={self.min_ways}."
+            )
+        if self.min_log_weight > self.max_log_weight:
+            raise ValueError("Sampler setting min_log_weight must not exceed max_log_weight.")
+
+    @property
+    def needed_ways(self) -> int:
+        """The fewest classes a split (or superclass) must have to give an episode."""
+        return self.way if self.mode == "fixed" else self.min_ways
+
+
+@dataclass(frozen=True)
+class EpisodeDescription:
+    """What an episode contains, before any image is chosen: classes, shots and queries per class."""
+
+    class_ids: tuple[int, ...]
+    shots: tuple[int, ...]  # support images per class, aligned with class_ids
+    n_query: int  # query images per class (the query set is balanced)
+
+    @property
+    def way(self) -> int:
+        return len(self.class_ids)
+
+    @property
+    def n_support(self) -> int:
+        return sum(self.shots)
+
+
+# -- the four Meta-Dataset rules ---------------------------------------------------------------
+def sample_num_ways(
+    rng: np.random.Generator, num_classes: int, min_ways: int = 5, max_ways_upper_bound: int = 50
+) -> int:
+    """Ways uniform in {min_ways, ..., min(max_ways_upper_bound, num_classes)}."""
+    high = min(max_ways_upper_bound, num_classes)
+    if high < min_ways:
+        raise ValueError(f"Cannot sample at least {min_ways} ways from {num_classes} classes.")
+    return int(rng.integers(min_ways, high + 1))
+
+
+def compute_num_query(images_per_class: Sequence[int], max_num_query: int = 10) -> int:
+    """Queries per class: min(max_num_query, floor(min_c n_c / 2)); half the smallest class stays for support."""
+    n_query = min(max_num_query, min(images_per_class) // 2)
+    if n_query < 1:
+        raise ValueError("Every class of an episode needs at least 2 images (one support, one query).")
+    return n_query
+
+
+def sample_support_set_size(
+    rng: np.random.Generator,
+    num_remaining_per_class: Sequence[int],
+    max_support_size_contrib_per_class: int = 100,
+    max_support_set_size: int = 500,
+) -> int:
+    """Support budget S = min(max, sum_c floor(beta * min(contrib, r_c) + 1)) with beta ~ U(0, 1).
+
+    ``num_remaining_per_class`` is n_c - n_query, the images left for support; S >= ways always.
+    """
+    beta = rng.uniform()
+    remaining = np.minimum(max_support_size_contrib_per_class, np.asarray(num_remaining_per_class))
+    return int(min(max_support_set_size, np.floor(beta * remaining + 1).sum()))
+
+
+def sample_num_support_per_class(
+    rng: np.random.Generator,
+    images_per_class: Sequence[int],
+    num_remaining_per_class: Sequence[int],
+    support_set_size: int,
+    min_log_weight: float = math.log(0.5),
+    max_log_weight: float = math.log(2),
+) -> tuple[int, ...]:
+    """Shots k_c = min(floor(w_c (S - N)) + 1, r_c) with w_c proportional to n_c * exp(alpha_c), alpha_c ~ U(min, max).
+
+    Every class gets at least one shot; bigger classes get more, as in the source data.
+    """
+    n = np.asarray(images_per_class, dtype=np.float64)
+    num_classes = len(n)
+    if support_set_size < num_classes:
+        raise ValueError(f"A support set of {support_set_size} images cannot hold {num_classes} classes.")
+    alpha = rng.uniform(min_log_weight, max_log_weight, size=num_classes)
+    weights = n * np.exp(alpha)
+    weights /= weights.sum()
+    shots = np.floor(weights * (support_set_size - num_classes)).astype(np.int64) + 1
+    return tuple(int(k) for k in np.minimum(shots, np.asarray(num_remaining_per_class)))
+
+
+# -- class selection ---------------------------------------------------------------------------
+def _pick(rng: np.random.Generator, pool: Sequence[int], ways: int) -> tuple[int, ...]:
+    chosen = rng.choice(np.asarray(pool), size=ways, replace=False)
+    return tuple(int(c) for c in chosen)
+
+
+def _uses_bilevel(spec: DatasetSpec, cfg: SamplerConfig) -> bool:
+    return cfg.use_bilevel_hierarchy and spec.has_superclasses
+
+
+def _eligible_superclasses(spec: DatasetSpec, split: Split, cfg: SamplerConfig) -> list[int]:
+    return [s for s in spec.superclass_ids(split) if len(spec.classes_of_superclass(s)) >= cfg.needed_ways]
+
+
+def sample_class_ids(
+    spec: DatasetSpec, split: Split | str, rng: np.random.Generator, cfg: SamplerConfig | None = None
+) -> tuple[int, ...]:
+    """Choose the classes of one episode.
+
+    Flat sources draw ways over the whole split and then classes uniformly. With superclasses
+    (Omniglot alphabets) and ``use_bilevel_hierarchy``, one superclass with enough classes is
+    drawn uniformly and all ways come from it. A hierarchy-aware rule for ImageNet's WordNet DAG
+    belongs here as a third branch keyed on the spec's graph.
+    """
+    cfg = cfg or SamplerConfig()
+    split = parse_split(split)
+    if _uses_bilevel(spec, cfg):
+        eligible = _eligible_superclasses(spec, split, cfg)
+        pool = spec.classes_of_superclass(int(rng.choice(eligible)))
+    else:
+        pool = spec.class_ids(split)
+    if cfg.mode == "fixed":
+        ways = cfg.way
+    else:
+        ways = sample_num_ways(rng, len(pool), cfg.min_ways, cfg.max_ways_upper_bound)
+    return _pick(rng, pool, ways)
+
+
+# -- checks and the whole description ---------------------------------------------------------
+def check_split(spec: DatasetSpec, split: Split | str, cfg: SamplerConfig | None = None) -> None:
+    """Raise one clear ValueError if ``split`` of ``spec`` cannot give episodes under ``cfg``.
+
+    Called before sampling so a bad class fails the first episode, not the 317th.
+    """
+    cfg = cfg or SamplerConfig()
+    split = parse_split(split)
+    where = f'Source "{spec.name}" split {split.value}'
+    ids = spec.class_ids(split)
+    if len(ids) < cfg.needed_ways:
+        raise ValueError(
+            f"{where} has {len(ids)} classes, fewer than the {cfg.needed_ways} ways an episode needs; "
+            f"use another split or lower {'way' if cfg.mode == 'fixed' else 'min_ways'}."
+        )
+    if _uses_bilevel(spec, cfg) and not _eligible_superclasses(spec, split, cfg):
+        raise ValueError(
+            f"{where} has no superclass with {cfg.needed_ways} classes or more; "
+            "set use_bilevel_hierarchy=False or lower the ways."
+        )
+    need = cfg.shot + cfg.query if cfg.mode == "fixed" else 2
+    for class_id in ids:
+        have = spec.images_per_class[class_id]
+        if have < need:
+            request = f"{cfg.shot}-shot {cfg.query}-query episodes" if cfg.mode == "fixed" else "any episode"
+            raise ValueError(
+                f'{where} class {class_id} ("{spec.class_name(class_id)}") has {have} images, fewer than the '
+                f"{need} that {request} need; lower shot/query or drop this class from the spec."
+            )
+
+
+def sample_episode_description(
+    spec: DatasetSpec,
+    split: Split | str,
+    rng: np.random.Generator,
+    cfg: SamplerConfig | None = None,
+    *,
+    check: bool = True,
+) -> EpisodeDescription:
+    """Sample classes, shots and queries of one episode (pass ``check=False`` if already checked)."""
+    cfg = cfg or SamplerConfig()
+    if check:
+        check_split(spec, split, cfg)
+    class_ids = sample_class_ids(spec, split, rng, cfg)
+    if cfg.mode == "fixed":
+        return EpisodeDescription(class_ids, (cfg.shot,) * len(class_ids), cfg.query)
+    counts = [spec.images_per_class[c] for c in class_ids]
+    n_query = compute_num_query(counts, cfg.max_num_query)
+    remaining = [n - n_query for n in counts]
+    size = sample_support_set_size(rng, remaining, cfg.max_support_size_contrib_per_class, cfg.max_support_set_size)
+    shots = sample_num_support_per_class(rng, counts, remaining, size, cfg.min_log_weight, cfg.max_log_weight)
+    return EpisodeDescription(class_ids, shots, n_query)

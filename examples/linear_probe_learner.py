@@ -1,0 +1,76 @@
+"""A complete third-party learner in one file: copy it to start your own.
+
+``protolinear``: a frozen backbone, a learned linear map of its features meta-trained episodically
+(Euclidean prototypical loss), and prototypes in the mapped space at test time.
+
+Use it from the command line with ``--plugin``:
+
+    python -m metabench run --plugin examples/linear_probe_learner.py --learner protolinear \
+        --backbone vit_test train.episodes=20
+
+or from a package of your own through the ``metabench.learners`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from episodes.episode import Episode, Support
+from metabench.learners import LEARNERS
+from metabench.learners.base import Learner, LearnerConfig, ProtoState
+from metabench.nn.heads import class_prototypes, embed
+
+
+@dataclass
+class ProtoLinearConfig(LearnerConfig):
+    name: str = "protolinear"
+    dim: int = 64  # size of the learned embedding
+    lr: float = 1e-3
+
+
+@LEARNERS.register("protolinear")
+class ProtoLinear(Learner):
+    """Frozen backbone + meta-trained linear map; Euclidean prototypes (an example plug-in)."""
+
+    Config = ProtoLinearConfig
+
+    def __init__(self, backbone, cfg: ProtoLinearConfig) -> None:
+        super().__init__(backbone, cfg)
+        self.backbone.requires_grad_(False)
+        self.proj = nn.Linear(backbone.feature_dim, cfg.dim)
+        self.optimizer = torch.optim.Adam(self.proj.parameters(), lr=cfg.lr)
+
+    def _features(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            frozen = embed(self.backbone, x)
+        return self.proj(frozen.float())
+
+    def _logits(self, feats: Tensor, prototypes: Tensor) -> Tensor:
+        return -torch.cdist(feats, prototypes).pow(2)
+
+    def meta_train_step(self, episodes: Sequence[Episode]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, accs = [], []
+        for ep in episodes:
+            protos = class_prototypes(self._features(ep.support_x), ep.support_y, ep.way)
+            logits = self._logits(self._features(ep.query_x), protos)
+            loss = F.cross_entropy(logits, ep.query_y) / len(episodes)
+            loss.backward()
+            losses.append(loss.item() * len(episodes))
+            accs.append((logits.argmax(-1) == ep.query_y).float().mean().item())
+        self.optimizer.step()
+        return {"loss": sum(losses) / len(losses), "accuracy": sum(accs) / len(accs)}
+
+    @torch.no_grad()
+    def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0) -> ProtoState:
+        protos = class_prototypes(self._features(support.x), support.y, support.way)
+        return ProtoState(way=support.way, prototypes=protos)
+
+    @torch.no_grad()
+    def predict(self, state: ProtoState, query_x: Tensor) -> Tensor:
+        return self._logits(self._features(query_x), state.prototypes)

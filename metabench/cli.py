@@ -1,0 +1,152 @@
+"""Command line: ``python -m metabench {run,eval,ls}`` (thin: all work happens in library modules)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from metabench.config import ConfigError
+from metabench.registry import load_plugins
+
+__all__ = ["main"]
+
+log = logging.getLogger("metabench")
+
+OVERRIDES_HELP = (
+    "config overrides as dotted key=value pairs, applied last, e.g. eval.episodes=100 data.image_size=128 "
+    "learner.scale=10 data.sampler.mode=fixed data.sampler.way=5; unknown keys are an error"
+)
+
+
+def _plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="import a .py file or module first, so the learners it registers can be used (repeatable)")
+
+
+def _common_run_args(p: argparse.ArgumentParser) -> None:
+    _plugin_arg(p)
+    p.add_argument("--learner", help="learner name (see `metabench ls learners`); default: pre")
+    p.add_argument("--backbone", help="backbone alias (see `metabench ls backbones`); default: vit_small")
+    p.add_argument("--weights", help="backbone weights file (safetensors or torch state dict); default: "
+                   "package weights, the local hub cache, the hub when reachable, else random init")
+    p.add_argument("--config", type=Path, help="YAML file with any subset of the config keys")
+    p.add_argument("--preset", help="named settings: cpu (minutes on a laptop CPU), gpu, paper (SMAT/PMF "
+                   "Meta-Dataset setting); default: auto (cpu or gpu from the hardware found)")
+    p.add_argument("--seed", type=int, help="seed for episodes and initialisation; default 0")
+    p.add_argument("--out", help="folder that receives the run folder; default: runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    """Named flags as a nested config dict (only those given, so YAML values are not overwritten)."""
+    flags: dict = {}
+    for flag, key in (("learner", "learner.name"), ("backbone", "backbone.name"), ("weights", "backbone.weights"),
+                      ("preset", "preset"), ("seed", "seed"), ("out", "out_dir")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            section, _, name = key.rpartition(".")
+            (flags.setdefault(section, {}) if section else flags)[name] = value
+    return flags
+
+
+def _print_results(run_dir: Path) -> None:
+    from rich.console import Console
+
+    from metabench.results import load_run
+    from metabench.summary import summary_table
+
+    manifest, frame = load_run(run_dir)
+    console = Console()
+    console.print(summary_table(frame, manifest))
+    console.print(f"Results: {run_dir}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from metabench.config import load_config
+    from metabench.runs import execute
+
+    cfg = load_config(args.config, args.overrides, _flags(args))
+    outcome = execute(cfg, progress=not args.quiet)
+    _print_results(outcome.run_dir)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from metabench.config import load_config
+    from metabench.runs import eval_saved_run, execute
+
+    if args.run is not None:
+        if args.learner or args.backbone or args.config:
+            raise ConfigError("eval --run takes its learner, backbone and config from the run folder; "
+                              "change settings with key=value overrides instead.")
+        outcome = eval_saved_run(args.run, args.overrides, progress=not args.quiet)
+    else:
+        cfg = load_config(args.config, [*args.overrides, "train.episodes=0"], _flags(args))
+        outcome = execute(cfg, progress=not args.quiet)
+    _print_results(outcome.run_dir)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from metabench.catalog import catalog
+
+    rows = catalog(args.what)
+    table = Table(title=args.what)
+    for col in rows[0] if rows else ["name"]:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metabench", description="Few-shot transfer benchmark for vision foundation models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="meta-train a learner (when it has a training phase), then evaluate it",
+                         description="Meta-train (train.episodes > 0) then evaluate on the evaluation sources; "
+                         "writes runs/<run_id>/ (manifest.json, config.yaml, episodes.parquet) and prints a table.")
+    _common_run_args(run)
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate a saved run, or a learner on a backbone with no training",
+                        description="With --run DIR: evaluate that run again (its config plus overrides) and "
+                        "append the rows to its results. Without: like `run` with train.episodes=0.")
+    ev.add_argument("--run", type=Path, help="a run folder written by `metabench run`")
+    _common_run_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    ls = sub.add_parser("ls", help="list registered learners, backbones or data sources")
+    ls.add_argument("what", choices=["learners", "backbones", "sources"], help="which registry to list")
+    _plugin_arg(ls)
+    ls.set_defaults(func=cmd_ls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose or os.environ.get("METABENCH_DEBUG"):
+        load_plugins(args.plugin)
+        return args.func(args)
+    from metabench.registry import RegistryError
+    from metabench.results import ResultsError
+
+    try:
+        load_plugins(args.plugin)
+        return args.func(args)
+    except (ConfigError, RegistryError, ResultsError, FileNotFoundError, ValueError) as err:
+        print(f"metabench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metabench: interrupted", file=sys.stderr)
+        return 130

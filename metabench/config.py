@@ -1,0 +1,223 @@
+"""Typed run configuration: dataclass defaults < preset < YAML file < CLI flags < key=value overrides.
+
+Unknown keys and wrong types fail with one sentence that names the key and the nearest valid
+one, so a typo never silently runs the default (a failure mode of argparse-sprawl codebases).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from episodes.sampler import SamplerConfig
+from metabench.registry import suggest
+
+__all__ = [
+    "BackboneConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LearnerConfig",
+    "PRESETS",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+    "to_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated in one sentence for a person."""
+
+
+@dataclass
+class LearnerConfig:
+    """Base of every learner's options; a learner subclasses it as ``Learner.Config``."""
+
+    name: str = "pre"
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "vit_small"  # alias from `metabench ls backbones`
+    weights: str | None = None  # explicit weights file (safetensors or torch state dict)
+    allow_download: bool = True  # try the hub when it is reachable and HF_HUB_OFFLINE is unset
+
+
+@dataclass
+class DataConfig:
+    train_sources: list[str] = field(default_factory=lambda: ["noto"])
+    eval_sources: list[str] = field(default_factory=lambda: ["noto", "digits"])
+    root: str | None = None  # data root for file-based sources (one folder per source)
+    image_size: int = 84
+    num_workers: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class TrainConfig:
+    episodes: int = 0  # meta-training tasks in total (0: evaluate only)
+    tasks_per_update: int = 1
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 40  # per evaluation source
+    split: str = "test"
+    modes: list[str] = field(default_factory=lambda: ["zero_shot"])
+    steps: int = 0
+    batch_size: int = 128  # images per backbone forward when embedding an episode
+
+
+@dataclass
+class RunConfig:
+    learner: Any = field(default_factory=LearnerConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    preset: str = "auto"  # cpu | gpu | paper; auto picks cpu or gpu from the hardware found
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto (fp32 on CPU, bf16/fp16 autocast on GPU) | fp32 | bf16 | fp16
+    out_dir: str = "runs"
+    run_name: str | None = None
+
+
+# Named settings. "cpu" keeps the default run within minutes on a 2-core machine; "paper" is the
+# SMAT/PMF Meta-Dataset setting (8 training sources, 128 px, 50k tasks, 600 test episodes).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"data": {"image_size": 84}, "eval": {"episodes": 40}},
+    "gpu": {"data": {"image_size": 128, "num_workers": 4}, "eval": {"episodes": 600}},
+    "paper": {
+        "data": {
+            "image_size": 128,
+            "num_workers": 8,
+            "train_sources": [
+                "ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower",
+            ],
+            "eval_sources": [
+                "ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower",
+                "traffic_sign", "mscoco", "mnist", "cifar10", "cifar100",
+            ],
+        },
+        "train": {"episodes": 50000, "tasks_per_update": 4},
+        "eval": {"episodes": 600},
+    },
+}
+
+
+def _auto_preset() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, DictConfig):
+            keys.extend(_flat_keys(v, full + "."))
+    return keys
+
+
+def _one_line(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        hint = suggest(key, _flat_keys(schema)).replace("Did you mean", "did you mean")
+        return ConfigError(f'Unknown config key "{key}" in {origin};{hint or " see `metabench run --help`."}')
+    msg = str(getattr(err, "msg", err)).splitlines()[0]
+    return ConfigError(f'Bad value for config key "{key}" in {origin}: {msg}.')
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f'Override "{item}" is not of the form key=value (e.g. eval.episodes=100).')
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Build a validated ``RunConfig``.
+
+    Args:
+        path: optional YAML file with any subset of the keys.
+        overrides: ``key=value`` strings (dotted keys), applied last.
+        flags: values from named CLI flags, as a nested dict (e.g. ``{"learner": {"name": "pre"}}``).
+    """
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"Config file {path} does not exist; pass an existing YAML file to --config.")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as exc:  # YAML syntax errors come in many types
+            raise ConfigError(f"Config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if flags:
+        layers.append(("the command-line flags", OmegaConf.create(flags)))
+    layers.append(("the key=value overrides", _parse_overrides(overrides or [])))
+
+    raw = OmegaConf.merge(*(cfg for _, cfg in layers)) if layers else OmegaConf.create()
+    preset = OmegaConf.select(raw, "preset", default="auto")
+    preset = _auto_preset() if preset == "auto" else preset
+    if preset not in PRESETS:
+        raise ConfigError(f'Unknown preset "{preset}".{suggest(str(preset), list(PRESETS))} Known: {", ".join(PRESETS)}.')
+    layers.insert(0, (f'preset "{preset}"', OmegaConf.create(PRESETS[preset])))
+    learner_name = OmegaConf.select(raw, "learner.name", default=LearnerConfig.name)
+
+    from metabench.learners import learner_config_class  # here: keeps config import light
+
+    schema = OmegaConf.structured(RunConfig(learner=learner_config_class(learner_name)(name=learner_name)))
+    merged = schema
+    for origin, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise _one_line(err, schema, origin) from None
+    merged.preset = preset
+    cfg = OmegaConf.to_object(merged)
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: RunConfig) -> None:
+    """Checks OmegaConf's types cannot express."""
+    if cfg.eval.split not in ("train", "valid", "test"):
+        raise ConfigError(f'Config key "eval.split" must be train, valid or test, not "{cfg.eval.split}".')
+    known_modes = ("zero_shot",)
+    for mode in cfg.eval.modes:
+        if mode not in known_modes:
+            raise ConfigError(
+                f'Unknown evaluation mode "{mode}" in eval.modes.{suggest(mode, list(known_modes))} '
+                f"Known: {', '.join(known_modes)}."
+            )
+    for key in ("data.image_size", "eval.episodes", "eval.batch_size", "train.tasks_per_update"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f'Config key "{key}" must be a positive integer.')
+    if cfg.train.episodes < 0 or cfg.eval.steps < 0:
+        raise ConfigError('Config keys "train.episodes" and "eval.steps" must not be negative.')
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f'Config key "precision" must be auto, fp32, bf16 or fp16, not "{cfg.precision}".')
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (written next to every run, loadable with ``--config``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def env_flag(name: str) -> bool:
+    """True when an environment variable is set to a truthy value (1, true, yes)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

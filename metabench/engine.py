@@ -1,0 +1,153 @@
+"""Meta-training and evaluation loops: devices, precision, seeds and progress live here, not in learners."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from episodes.episode import Episode
+from metabench.learners.base import Learner
+from metabench.results import EpisodeRow
+
+__all__ = ["EvalContext", "autocast", "evaluate", "meta_train", "select_device"]
+
+log = logging.getLogger(__name__)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f'device "{name}" was requested but CUDA is not available here; use device=cpu or device=auto.')
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: fp32 on CPU (exactly reproducible), bf16 where the GPU supports it, else fp16."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """An autocast context for ``precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class EvalContext:
+    """Labels stamped on every result row of one evaluation."""
+
+    run_id: str
+    learner: str
+    backbone: str
+    domains: dict[str, str]  # source -> "id" | "ood"
+
+
+def evaluate(
+    learner: Learner,
+    episodes: Iterable[Episode],
+    ctx: EvalContext,
+    *,
+    modes: list[str],
+    steps: int,
+    device: torch.device,
+    precision: str = "fp32",
+    total: int | None = None,
+    progress: bool = True,
+) -> Iterator[EpisodeRow]:
+    """Adapt to each episode's support set and score its query set, one row per (episode, mode).
+
+    The learner is put in eval mode and is never changed: ``adapt`` returns a separate task state.
+    """
+    learner.eval()
+    bar = tqdm(episodes, total=total, desc="evaluate", unit="ep", disable=not progress, dynamic_ncols=True)
+    running: list[float] = []
+    for episode in bar:
+        episode = episode.to(device)
+        for mode in modes:
+            start = time.perf_counter()
+            grad = torch.enable_grad() if steps > 0 else torch.no_grad()
+            with grad, autocast(device, precision):
+                state = learner.adapt(episode.support, mode=mode, steps=steps)
+            with torch.no_grad(), autocast(device, precision):
+                logits = learner.predict(state, episode.query_x).float()
+            seconds = time.perf_counter() - start
+            accuracy = (logits.argmax(-1) == episode.query_y).float().mean().item()
+            loss = F.cross_entropy(logits, episode.query_y).item()
+            running.append(accuracy)
+            yield EpisodeRow(
+                run_id=ctx.run_id,
+                learner=ctx.learner,
+                backbone=ctx.backbone,
+                source=episode.source,
+                split=episode.split.value,
+                domain=ctx.domains.get(episode.source, "id"),
+                episode_id=episode.episode_id,
+                mode=mode,
+                steps=steps,
+                way=episode.way,
+                shots=int(episode.support_y.numel()),
+                n_query=int(episode.query_y.numel()),
+                accuracy=accuracy,
+                loss=loss,
+                sparsity=float(getattr(state, "sparsity", math.nan)),
+                seconds=seconds,
+            )
+        bar.set_postfix(source=episode.source, acc=f"{100 * sum(running) / len(running):.1f}")
+
+
+def meta_train(
+    learner: Learner,
+    episodes: Iterable[Episode],
+    *,
+    n_tasks: int,
+    tasks_per_update: int,
+    device: torch.device,
+    precision: str = "fp32",
+    log_every: int = 10,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> None:
+    """Feed batches of ``tasks_per_update`` training episodes to ``learner.meta_train_step``."""
+    learner.train()
+    bar = tqdm(total=n_tasks, desc="meta-train", unit="task", disable=not progress, dynamic_ncols=True)
+    batch: list[Episode] = []
+    seen, update = 0, 0
+    for episode in episodes:
+        batch.append(episode.to(device))
+        if len(batch) < tasks_per_update:
+            continue
+        start = time.perf_counter()
+        with autocast(device, precision):
+            metrics = learner.meta_train_step(batch)
+        seen += len(batch)
+        update += 1
+        bar.update(len(batch))
+        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
+        if on_log is not None and (update % log_every == 0 or seen >= n_tasks):
+            on_log({"update": update, "tasks": seen, "seconds": time.perf_counter() - start, **metrics})
+        batch = []
+        if seen >= n_tasks:
+            break
+    bar.close()
+    learner.eval()

@@ -1,0 +1,32 @@
+"""The learner registry. Comparison learners live in ``baselines/`` and register lazily here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from metabench.registry import Registry
+
+if TYPE_CHECKING:
+    from metabench.backbones import Backbone
+    from metabench.config import LearnerConfig
+    from metabench.learners.base import Learner
+
+__all__ = ["LEARNERS", "create_learner", "learner_config_class", "list_learners"]
+
+#: name -> Learner subclass. Outside packages add theirs through the ``metabench.learners`` entry-point group.
+LEARNERS: Registry[type[Learner]] = Registry("learner", entry_point_group="metabench.learners")
+LEARNERS.register("pre", "baselines.pre:Pre")
+
+
+def list_learners() -> list[str]:
+    return LEARNERS.names()
+
+
+def learner_config_class(name: str) -> type[LearnerConfig]:
+    """The config dataclass of learner ``name`` (raises a did-you-mean error for unknown names)."""
+    return LEARNERS.get(name).Config
+
+
+def create_learner(name: str, backbone: Backbone, cfg: LearnerConfig | None = None) -> Learner:
+    cls = LEARNERS.get(name)
+    return cls(backbone, cfg if cfg is not None else cls.Config(name=name))

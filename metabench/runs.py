@@ -1,0 +1,196 @@
+"""A run end to end: build backbone, learner and episodes from a config, train, evaluate, write the folder."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+import metabench
+from episodes.episode import Split
+from episodes.loader import EpisodeSet, make_loader
+from episodes.readers import SOURCES
+from episodes.readers.base import Source
+from metabench.backbones import Backbone, create_backbone
+from metabench.config import RunConfig, load_config, to_yaml
+from metabench.engine import EvalContext, evaluate, meta_train, resolve_precision, select_device
+from metabench.learners import create_learner
+from metabench.learners.base import Learner
+from metabench.results import RunWriter, load_run
+
+__all__ = ["RunOutcome", "build_sources", "eval_saved_run", "execute"]
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoints/learner.safetensors"
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    manifest: dict[str, Any]
+
+
+def build_sources(names: list[str], root: str | None) -> dict[str, Source]:
+    """Instantiate sources by registry name (unknown names raise a did-you-mean error)."""
+    return {name: SOURCES.get(name)(root=root) for name in dict.fromkeys(names)}
+
+
+def _run_id(cfg: RunConfig) -> str:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    digest = hashlib.sha1(to_yaml(cfg).encode()).hexdigest()[:6]
+    return cfg.run_name or f"{stamp}-{cfg.learner.name}-{cfg.backbone.name}-{digest}"
+
+
+def _git_state() -> dict[str, Any]:
+    repo = Path(metabench.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"sha": None, "dirty": None}
+    if sha.returncode != 0:
+        return {"sha": None, "dirty": None}
+    return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    return {
+        "metabench": metabench.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _manifest(cfg: RunConfig, run_id: str, backbone: Backbone, learner: Learner, sources: dict[str, Source],
+              device: torch.device, precision: str) -> dict[str, Any]:
+    return {
+        "schema_version": 1,
+        "run_id": run_id,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "status": "running",
+        "argv": sys.argv,
+        "git": _git_state(),
+        "versions": _versions(),
+        "device": str(device),
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "seed": cfg.seed,
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "backbone": backbone.describe(),
+        "learner": learner.describe(),
+        "sources": {n: {"domain": s.domain, "classes": {sp.value: len(s.spec.class_ids(sp)) for sp in Split}} for n, s in sources.items()},
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _train(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer: RunWriter,
+           device: torch.device, precision: str, progress: bool) -> None:
+    if cfg.train.episodes == 0:
+        return
+    if not learner.meta_trainable:
+        log.info('Learner "%s" has no meta-training phase; skipping %d training episodes.', cfg.learner.name, cfg.train.episodes)
+        return
+    train_sources = [sources[n] for n in cfg.data.train_sources]
+    episode_set = EpisodeSet(train_sources, Split.TRAIN, cfg.data.sampler, cfg.train.episodes, seed=cfg.seed,
+                             image_size=cfg.data.image_size, per_source=False)
+    loader = make_loader(episode_set, num_workers=cfg.data.num_workers)
+    meta_train(learner, loader, n_tasks=cfg.train.episodes, tasks_per_update=cfg.train.tasks_per_update,
+               device=device, precision=precision, log_every=cfg.train.log_every, on_log=writer.log_train,
+               progress=progress)
+    save_learner(learner, writer.run_dir / CHECKPOINT)
+
+
+def _evaluate(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer: RunWriter, run_id: str,
+              device: torch.device, precision: str, progress: bool) -> None:
+    eval_sources = [sources[n] for n in cfg.data.eval_sources]
+    episode_set = EpisodeSet(eval_sources, Split(cfg.eval.split), cfg.data.sampler, cfg.eval.episodes,
+                             seed=cfg.seed, image_size=cfg.data.image_size, per_source=True)
+    ctx = EvalContext(run_id, cfg.learner.name, cfg.backbone.name, {n: s.domain for n, s in sources.items()})
+    rows = evaluate(learner, make_loader(episode_set, num_workers=cfg.data.num_workers), ctx,
+                    modes=cfg.eval.modes, steps=cfg.eval.steps, device=device, precision=precision,
+                    total=len(episode_set), progress=progress)
+    for row in rows:
+        writer.add_rows([row])
+    writer.flush()
+
+
+def save_learner(learner: Learner, path: Path) -> None:
+    """Save the learner's full state as safetensors (no pickled code), atomically."""
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_model(learner, str(tmp))
+    tmp.replace(path)
+
+
+def load_learner_state(learner: Learner, path: Path) -> None:
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(learner, str(path), strict=False)
+    if missing or unexpected:
+        bad = (missing or unexpected)[0]
+        raise ValueError(f"Checkpoint {path} does not match learner \"{learner.cfg.name}\" (first bad key: {bad}); "
+                         "evaluate it with the learner and backbone it was trained with.")
+
+
+def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None) -> RunOutcome:
+    """Run ``cfg`` end to end (meta-train when configured, then evaluate) and write its run folder."""
+    _seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    sources = build_sources([*cfg.data.train_sources, *cfg.data.eval_sources] if cfg.train.episodes else
+                            cfg.data.eval_sources, cfg.data.root)
+    backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights,
+                               allow_download=cfg.backbone.allow_download)
+    learner = create_learner(cfg.learner.name, backbone, cfg.learner).to(device)
+    run_id = run_dir.name if run_dir is not None else _run_id(cfg)
+    writer = RunWriter(run_dir or Path(cfg.out_dir) / run_id)
+    manifest = _manifest(cfg, run_id, backbone, learner, sources, device, precision)
+    writer.write_config(to_yaml(cfg))
+    writer.write_manifest(manifest)
+    _train(cfg, learner, sources, writer, device, precision, progress)
+    _evaluate(cfg, learner, sources, writer, run_id, device, precision, progress)
+    manifest.update(status="finished", finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    learner=learner.describe())
+    writer.write_manifest(manifest)
+    return RunOutcome(writer.run_dir, manifest)
+
+
+def eval_saved_run(run_dir: Path, overrides: list[str], *, progress: bool = True) -> RunOutcome:
+    """Evaluate a saved run again (e.g. more episodes) and append the rows to its results."""
+    manifest, _ = load_run(run_dir)
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    _seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    sources = build_sources(cfg.data.eval_sources, cfg.data.root)
+    backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights, allow_download=cfg.backbone.allow_download)
+    learner = create_learner(cfg.learner.name, backbone, cfg.learner)
+    if (run_dir / CHECKPOINT).exists():
+        load_learner_state(learner, run_dir / CHECKPOINT)
+    learner.to(device)
+    writer = RunWriter(run_dir, append=True)
+    _evaluate(cfg, learner, sources, writer, manifest["run_id"], device, precision, progress)
+    manifest.setdefault("evaluations", []).append({"argv": sys.argv, "overrides": overrides,
+                                                   "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    writer.write_manifest(manifest)
+    return RunOutcome(run_dir, manifest)

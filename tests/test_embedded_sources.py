@@ -1,0 +1,138 @@
+"""Embedded offline sources: rendered Noto glyphs and scikit-learn digits."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from episodes.episode import Split
+from episodes.readers import SOURCES, Source
+from episodes.readers import glyphs
+from episodes.readers.embedded import NotoGlyphs, SklearnDigits
+from metabench.registry import RegistryError
+
+SMALL = dict(scripts=["latin", "telugu", "greek"], instances=6)
+
+
+@pytest.fixture(scope="module")
+def noto_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("noto-cache")
+
+
+@pytest.fixture(scope="module")
+def noto(noto_cache):
+    return NotoGlyphs(cache=noto_cache, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return SklearnDigits()
+
+
+def test_registry_lists_embedded_sources():
+    assert {"noto", "digits"} <= set(SOURCES.names())
+    assert SOURCES.get("noto") is NotoGlyphs
+    with pytest.raises(RegistryError, match='Did you mean "noto"'):
+        SOURCES.get("noot")
+
+
+def test_noto_shapes_and_read_order(noto):
+    assert isinstance(noto, Source) and noto.domain == "id" and noto.native_size == (84, 84)
+    x = noto.read(3, [5, 0, 2])
+    assert x.shape == (3, 84, 84, 3) and x.dtype == np.uint8
+    assert np.array_equal(x[::-1], noto.read(3, [2, 0, 5]))
+    assert np.array_equal(x[..., 0], x[..., 2])  # black on white, stored as 3 equal channels
+    with pytest.raises(IndexError, match="has 6 images"):
+        noto.read(0, [6])
+
+
+def test_noto_spec_splits_by_script(noto):
+    spec = noto.spec
+    assert spec.superclasses_per_split == {Split.TRAIN: 1, Split.VALID: 1, Split.TEST: 1}
+    names = [spec.class_name(c) for c in range(spec.num_classes)]
+    assert all(names[c].startswith("latin/") for c in spec.class_ids(Split.TRAIN))
+    assert all(names[c].startswith("telugu/") for c in spec.class_ids(Split.VALID))
+    assert all(names[c].startswith("greek/") for c in spec.class_ids(Split.TEST))
+    assert "latin/LATIN CAPITAL LETTER A" in names and "greek/GREEK SMALL LETTER ALPHA" in names
+    assert "greek/GREEK CAPITAL LETTER ALPHA" not in names  # a homoglyph of Latin A: dropped
+    assert all(n == 6 for n in spec.images_per_class.values())
+
+
+def test_noto_images_have_ink_and_classes_differ(noto):
+    spec = noto.spec
+    means = []
+    for c in range(spec.num_classes):
+        x = noto.read(c, range(6))[..., 0].astype(np.float32)
+        assert (x.reshape(6, -1).min(1) < 100).all(), spec.class_name(c)  # every image has a glyph
+        assert (x.reshape(6, -1).mean(1) > 150).all(), spec.class_name(c)  # on a white page
+        means.append(x.mean(0))
+    means = np.stack(means)
+    o, big_o = (spec.class_name(c) for c in (40, 14))
+    assert o.endswith("SMALL LETTER O") and big_o.endswith("CAPITAL LETTER O")
+    assert (255 - means[40]).sum() < 0.8 * (255 - means[14]).sum()  # size survives: 'o' has less ink
+    flat = means.reshape(len(means), -1)
+    diff = cdist(flat, flat, "cityblock") / flat.shape[1]  # mean absolute pixel difference
+    assert diff[~np.eye(len(means), dtype=bool)].min() > 1.0
+
+
+def test_noto_is_deterministic_and_cached(noto, noto_cache, tmp_path, monkeypatch):
+    again = NotoGlyphs(cache=tmp_path, **SMALL)  # rendered from scratch in another cache
+    assert again.classes == noto.classes
+    for c in (0, 50, noto.spec.num_classes - 1):
+        assert np.array_equal(again.read(c, range(6)), noto.read(c, range(6)))
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("rendered although the cache holds the glyphs")
+
+    monkeypatch.setattr(glyphs, "render_all", no_render)
+    start = time.perf_counter()
+    cached = NotoGlyphs(cache=noto_cache, **SMALL)
+    assert time.perf_counter() - start < 0.5
+    assert np.array_equal(cached.read(7, [1, 2]), noto.read(7, [1, 2]))
+    clone = pickle.loads(pickle.dumps(cached))  # what a spawned worker receives: no pixels
+    assert len(pickle.dumps(cached)) < 200_000
+    assert np.array_equal(clone.read(7, [1, 2]), noto.read(7, [1, 2]))
+
+
+def test_noto_rerenders_a_damaged_cache(noto, tmp_path, caplog):
+    small = dict(scripts=["latin"], instances=2)
+    first = NotoGlyphs(cache=tmp_path, **small)
+    npy = next(tmp_path.glob("noto-*.npy"))
+    npy.write_bytes(b"not an array")
+    with caplog.at_level(logging.WARNING):
+        second = NotoGlyphs(cache=tmp_path, **small)
+    assert "rendering again" in caplog.text
+    assert np.array_equal(first.read(0, [0, 1]), second.read(0, [0, 1]))
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_noto_full_default(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("METABENCH_CACHE", str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="episodes.readers.embedded"):
+        full = SOURCES.get("noto")()
+    assert "rendered" in caplog.text and list((tmp_path / "embedded").glob("noto-*.npy"))
+    spec = full.spec
+    assert len(spec.classes_per_superclass) == 9 and 600 <= spec.num_classes <= 800
+    assert spec.superclasses_per_split == {Split.TRAIN: 5, Split.VALID: 1, Split.TEST: 3}
+    assert all(spec.classes_per_split[s] >= 50 for s in Split)
+    assert all(n >= 30 for n in spec.classes_per_superclass.values())
+    assert all(n == 20 for n in spec.images_per_class.values())
+    x = full.read(spec.num_classes - 1, range(20))
+    assert x.shape == (20, 84, 84, 3) and (x.reshape(20, -1).min(1) < 100).all()
+
+
+def test_digits(digits):
+    spec = digits.spec
+    assert digits.domain == "ood" and digits.native_size == (84, 84)
+    assert spec.class_ids(Split.TEST) == list(range(10)) and spec.class_ids(Split.TRAIN) == []
+    assert sum(spec.images_per_class.values()) == 1797
+    x = digits.read(3, [0, 1, 2])
+    assert x.shape == (3, 84, 84, 3) and x.dtype == np.uint8 and x.max() >= 250
+    assert np.array_equal(x, SklearnDigits().read(3, [0, 1, 2]))  # fixed within-class order
+    means = np.stack([digits.read(c, range(50))[..., 0].mean(0) for c in range(10)])
+    assert np.abs(means[:, None] - means[None]).mean((2, 3))[~np.eye(10, dtype=bool)].min() > 3.0

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import sys
+import textwrap
+import types
+
+import pytest
+
+from metabench.learners import LEARNERS, list_learners
+from metabench.registry import Registry, RegistryError, load_plugins
+
+
+def test_decorator_and_lazy_targets() -> None:
+    reg: Registry[object] = Registry("thing")
+
+    @reg.register("alpha")
+    class Alpha:
+        pass
+
+    reg.register("beta", "collections:OrderedDict")
+    assert reg.names() == ["alpha", "beta"]
+    assert reg.get("alpha") is Alpha
+    import collections
+
+    assert reg.get("beta") is collections.OrderedDict
+    assert "beta" in reg and len(reg) == 2
+
+
+def test_unknown_name_suggests_the_nearest() -> None:
+    reg: Registry[object] = Registry("learner")
+    reg.register("smat", object())
+    reg.register("pmf", object())
+    with pytest.raises(RegistryError) as err:
+        reg.get("smatt")
+    assert str(err.value).startswith('Unknown learner "smatt". Did you mean "smat"?')
+    assert "\n" not in str(err.value)
+
+
+def test_duplicate_names_are_refused() -> None:
+    reg: Registry[object] = Registry("learner")
+    reg.register("a", object())
+    with pytest.raises(RegistryError, match="registered twice"):
+        reg.register("a", object())
+
+
+def test_entry_point_group_adds_learners(monkeypatch: pytest.MonkeyPatch) -> None:
+    class FakeEntryPoint:
+        name, value = "outside", "collections:Counter"
+
+    import metabench.registry as registry
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [FakeEntryPoint()] if group == "my.group" else [])
+    reg: Registry[object] = Registry("learner", entry_point_group="my.group")
+    import collections
+
+    assert reg.names() == ["outside"]
+    assert reg.get("outside") is collections.Counter
+
+
+def test_builtin_learners_are_listed() -> None:
+    assert "pre" in list_learners()
+    assert LEARNERS.get("pre").__name__ == "Pre"
+
+
+def test_plugin_file_registers_a_learner(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text(textwrap.dedent('''
+        from baselines.pre import Pre
+        from metabench.learners import LEARNERS
+
+        @LEARNERS.register("pre_copy_for_test")
+        class PreCopy(Pre):
+            """A copy of pre."""
+    '''))
+    load_plugins([str(plugin)])
+    load_plugins([str(plugin)])  # loading the same file again is harmless
+    assert LEARNERS.get("pre_copy_for_test").__name__ == "PreCopy"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_plugins([str(tmp_path / "missing.py")])
+    sys.modules.pop("metabench_plugin_my_plugin", None)
+    assert isinstance(sys.modules.get("metabench.registry"), types.ModuleType)
