@@ -4,7 +4,9 @@ Every function takes its ``np.random.Generator`` explicitly, so the caller decid
 (one generator per episode in the loader) and results never depend on hidden global state or on
 how many data workers run. The rules follow Meta-Dataset's ``EpisodeDescriptionSampler``:
 ways ~ U{min_ways..min(max_ways, C)}, balanced queries, a support budget drawn with a uniform
-beta, and per-class shots proportional to log-uniformly perturbed class sizes.
+beta, and per-class shots proportional to log-uniformly perturbed class sizes. Classes come from
+one of three rules: ImageNet's WordNet DAG (``episodes.hierarchy``), Omniglot-style superclasses,
+or uniformly over the split.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from episodes.episode import Split
+from episodes.hierarchy import MAX_SPANNING_LEAVES_ELIGIBLE, ClassDag, class_dag
 from episodes.spec import DatasetSpec, parse_split
 
 __all__ = [
@@ -50,6 +53,8 @@ class SamplerConfig:
     min_log_weight: float = math.log(0.5)
     max_log_weight: float = math.log(2)
     use_bilevel_hierarchy: bool = True
+    use_dag_hierarchy: bool = True
+    ignore_hierarchy_probability: float = 0.0  # share of episodes drawn uniformly despite a hierarchy
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,6 +68,11 @@ class SamplerConfig:
             )
         if self.min_log_weight > self.max_log_weight:
             raise ValueError("Sampler setting min_log_weight must not exceed max_log_weight.")
+        if not 0.0 <= self.ignore_hierarchy_probability <= 1.0:
+            raise ValueError(
+                f"Sampler setting ignore_hierarchy_probability={self.ignore_hierarchy_probability} "
+                "must be between 0 and 1."
+            )
 
     @property
     def needed_ways(self) -> int:
@@ -150,6 +160,10 @@ def _pick(rng: np.random.Generator, pool: Sequence[int], ways: int) -> tuple[int
     return tuple(int(c) for c in chosen)
 
 
+def _dag(spec: DatasetSpec, split: Split, cfg: SamplerConfig) -> ClassDag | None:
+    return class_dag(spec, split) if cfg.use_dag_hierarchy else None
+
+
 def _uses_bilevel(spec: DatasetSpec, cfg: SamplerConfig) -> bool:
     return cfg.use_bilevel_hierarchy and spec.has_superclasses
 
@@ -158,19 +172,36 @@ def _eligible_superclasses(spec: DatasetSpec, split: Split, cfg: SamplerConfig) 
     return [s for s in spec.superclass_ids(split) if len(spec.classes_of_superclass(s)) >= cfg.needed_ways]
 
 
+def _sample_from_dag(dag: ClassDag, rng: np.random.Generator, cfg: SamplerConfig) -> tuple[int, ...]:
+    """Meta-Dataset's ImageNet rule: one eligible internal node uniformly, its leaves, at most max ways of them."""
+    nodes = dag.eligible(cfg.needed_ways, MAX_SPANNING_LEAVES_ELIGIBLE)
+    leaves = nodes[int(rng.integers(len(nodes)))]
+    limit = cfg.way if cfg.mode == "fixed" else cfg.max_ways_upper_bound
+    return _pick(rng, leaves, limit) if len(leaves) > limit else leaves
+
+
 def sample_class_ids(
     spec: DatasetSpec, split: Split | str, rng: np.random.Generator, cfg: SamplerConfig | None = None
 ) -> tuple[int, ...]:
     """Choose the classes of one episode.
 
-    Flat sources draw ways over the whole split and then classes uniformly. With superclasses
+    With a WordNet subgraph for the split (ImageNet) and ``use_dag_hierarchy``, an internal node
+    spanning between ``min_ways`` and 392 leaves is drawn uniformly and its leaves (subsampled to
+    ``max_ways_upper_bound``) are the classes, so ways are not uniform. With superclasses
     (Omniglot alphabets) and ``use_bilevel_hierarchy``, one superclass with enough classes is
-    drawn uniformly and all ways come from it. A hierarchy-aware rule for ImageNet's WordNet DAG
-    belongs here as a third branch keyed on the spec's graph.
+    drawn uniformly and all ways come from it. Otherwise ways are drawn over the whole split and
+    classes uniformly; ``ignore_hierarchy_probability`` sends that share of episodes here too.
     """
     cfg = cfg or SamplerConfig()
     split = parse_split(split)
-    if _uses_bilevel(spec, cfg):
+    dag = _dag(spec, split, cfg)
+    bilevel = dag is None and _uses_bilevel(spec, cfg)
+    if (dag is not None or bilevel) and cfg.ignore_hierarchy_probability > 0:
+        if rng.uniform() < cfg.ignore_hierarchy_probability:  # drawn only then: p=0 keeps old streams
+            dag, bilevel = None, False
+    if dag is not None:
+        return _sample_from_dag(dag, rng, cfg)
+    if bilevel:
         eligible = _eligible_superclasses(spec, split, cfg)
         pool = spec.classes_of_superclass(int(rng.choice(eligible)))
     else:
@@ -197,7 +228,13 @@ def check_split(spec: DatasetSpec, split: Split | str, cfg: SamplerConfig | None
             f"{where} has {len(ids)} classes, fewer than the {cfg.needed_ways} ways an episode needs; "
             f"use another split or lower {'way' if cfg.mode == 'fixed' else 'min_ways'}."
         )
-    if _uses_bilevel(spec, cfg) and not _eligible_superclasses(spec, split, cfg):
+    dag = _dag(spec, split, cfg)
+    if dag is not None and not dag.eligible(cfg.needed_ways, MAX_SPANNING_LEAVES_ELIGIBLE):
+        raise ValueError(
+            f"{where} has no node of its class hierarchy spanning {cfg.needed_ways} to "
+            f"{MAX_SPANNING_LEAVES_ELIGIBLE} leaves; set use_dag_hierarchy=False or lower the ways."
+        )
+    if dag is None and _uses_bilevel(spec, cfg) and not _eligible_superclasses(spec, split, cfg):
         raise ValueError(
             f"{where} has no superclass with {cfg.needed_ways} classes or more; "
             "set use_bilevel_hierarchy=False or lower the ways."

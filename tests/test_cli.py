@@ -1,0 +1,98 @@
+"""End to end through the real command line, on the tiny test ViT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from metabench.results import EPISODE_COLUMNS
+
+FAST = ["--backbone", "vit_test", "--quiet", "data.image_size=32", "eval.episodes=3"]
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "metabench", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    proc = _cli("run", "--learner", "pre", *FAST, "--out", str(out), "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "noto" in proc.stdout and "digits" in proc.stdout and "NOT pretrained" in proc.stdout
+    (run,) = out.iterdir()
+    return run
+
+
+def test_run_writes_the_results_schema(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert manifest["seed"] == 3 and manifest["config"]["seed"] == 3
+    assert manifest["backbone"]["alias"] == "vit_test" and manifest["backbone"]["pretrained"] is False
+    assert manifest["versions"]["torch"]
+    assert set(manifest["sources"]) == {"noto", "digits"}
+    assert "learner:" in (run_dir / "config.yaml").read_text()
+    frame = pd.read_parquet(run_dir / "episodes.parquet")
+    assert list(frame.columns) == EPISODE_COLUMNS
+    assert len(frame) == 6 and set(frame["source"]) == {"noto", "digits"}
+    assert set(frame["domain"]) == {"id", "ood"}
+    assert frame["accuracy"].between(0, 1).all() and (frame["way"] >= 5).all()
+
+
+def test_eval_of_a_saved_run_is_reproducible(run_dir: Path) -> None:
+    before = pd.read_parquet(run_dir / "episodes.parquet")
+    proc = _cli("eval", "--run", str(run_dir), "--quiet", "eval.episodes=4")
+    assert proc.returncode == 0, proc.stderr
+    after = pd.read_parquet(run_dir / "episodes.parquet")
+    assert len(after) == 8  # the 6 earlier episodes are evaluated again (replaced), plus one more per source
+    merged = before.merge(after, on=["episode_id", "mode", "steps"], suffixes=("", "_again"))
+    assert len(merged) == 6
+    assert (merged["accuracy"] == merged["accuracy_again"]).all()
+    assert json.loads((run_dir / "manifest.json").read_text())["evaluations"]
+
+
+def test_example_plugin_learner_meta_trains(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "examples" / "linear_probe_learner.py"
+    proc = _cli("run", "--plugin", str(example), "--learner", "protolinear", *FAST, "--out", str(tmp_path),
+                "train.episodes=4", "train.tasks_per_update=2", "train.log_every=1", "learner.dim=16")
+    assert proc.returncode == 0, proc.stderr
+    (run,) = tmp_path.iterdir()
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["tasks"] for r in log] == [2, 4] and all(r["loss"] > 0 for r in log)
+    assert (run / "checkpoints" / "learner.safetensors").is_file()
+    assert json.loads((run / "manifest.json").read_text())["learner"]["trainable_parameters"] > 0
+
+
+def test_ls_lists_registries() -> None:
+    for what, expected in (("learners", "pre"), ("backbones", "efficientnet_lite0"), ("sources", "noto")):
+        proc = _cli("ls", what)
+        assert proc.returncode == 0 and expected in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "eval.episode=3"], 'Unknown config key "eval.episode"'),
+        (["run", "--learner", "smatt"], 'Unknown learner "smatt"'),
+        (["run", "--backbone", "vit_smal", "eval.episodes=1"], 'Unknown backbone "vit_smal". Did you mean "vit_small"?'),
+        (["run", "--backbone", "vit_test", "data.eval_sources=[notto]"], 'Unknown source "notto". Did you mean "noto"?'),
+        (["eval", "--run", "/nonexistent/run"], "is not a metabench run folder"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path, capsys) -> None:
+    from metabench.cli import main
+
+    code = main([*args, "--out", str(tmp_path)] if args[0] == "run" else args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.strip().count("\n") == 0
+    assert not list(tmp_path.iterdir())  # nothing half-written

@@ -1,0 +1,84 @@
+"""Contract every registered learner must meet; a new learner is tested by being registered."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from episodes.episode import Episode, Split
+from metabench.backbones import create_backbone
+from metabench.learners import create_learner, list_learners
+from metabench.nn.heads import class_prototypes, cosine_logits
+
+
+def _episode(seed: int, way: int = 5, shots: int = 3, queries: int = 4, size: int = 32) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    # Each class is a brightness level plus noise, so there is something to learn.
+    levels = torch.linspace(20, 230, way)
+    def images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(way).repeat_interleave(n)
+        x = levels[y][:, None, None, None] + 20 * torch.randn(len(y), 3, size, size, generator=g)
+        return x.clamp(0, 255).to(torch.uint8), y
+    sx, sy = images(shots)
+    qx, qy = images(queries)
+    return Episode(sx, sy, qx, qy, "synthetic", Split.TRAIN, f"ep{seed}")
+
+
+def _learner(name: str):
+    torch.manual_seed(0)
+    return create_learner(name, create_backbone("vit_test"))
+
+
+@pytest.fixture(params=list_learners())
+def learner_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_adapt_and_predict_leave_the_learner_unchanged(learner_name: str) -> None:
+    learner = _learner(learner_name).eval()
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    ep = _episode(0)
+    state = learner.adapt(ep.support, mode="zero_shot", steps=0)
+    logits = learner.predict(state, ep.query_x)
+    assert logits.shape == (ep.query_y.numel(), ep.way)
+    assert torch.isfinite(logits).all()
+    after = learner.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_zero_shot_is_deterministic(learner_name: str) -> None:
+    learner = _learner(learner_name).eval()
+    ep = _episode(1)
+    first = learner.predict(learner.adapt(ep.support), ep.query_x)
+    second = learner.predict(learner.adapt(ep.support), ep.query_x)
+    assert torch.equal(first, second)
+
+
+def test_meta_train_step_changes_only_trainable_parameters(learner_name: str) -> None:
+    learner = _learner(learner_name)
+    if not learner.meta_trainable:
+        pytest.skip(f"{learner_name} has no meta-training phase")
+    learner.train()
+    before = {n: p.detach().clone() for n, p in learner.named_parameters()}
+    metrics = learner.meta_train_step([_episode(2), _episode(3)])
+    assert metrics and all(math.isfinite(v) for v in metrics.values())
+    changed = {n for n, p in learner.named_parameters() if not torch.equal(before[n], p.detach())}
+    trainable = {n for n, p in learner.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable
+
+
+def test_describe_reports_parameter_counts(learner_name: str) -> None:
+    info = _learner(learner_name).describe()
+    assert info["learner"] == learner_name
+    assert info["parameters"] >= info["trainable_parameters"] >= 0
+
+
+def test_prototypes_and_cosine_head() -> None:
+    feats = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    protos = class_prototypes(feats, torch.tensor([0, 0, 1]), 2)
+    assert torch.equal(protos, torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    logits = cosine_logits(torch.tensor([[1.0, 1.0]]), protos, scale=10.0)
+    assert torch.allclose(logits, torch.full((1, 2), 10 / math.sqrt(2)))
