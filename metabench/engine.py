@@ -80,7 +80,7 @@ def evaluate(
     The learner is put in eval mode and is never changed: ``adapt`` returns a separate task state.
     """
     learner.eval()
-    bar = tqdm(episodes, total=total, desc="evaluate", unit="ep", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(episodes, total=total, desc="evaluate", unit="ep", disable=None if progress else True, dynamic_ncols=True)
     running: list[float] = []
     for episode in bar:
         episode = episode.to(device)
@@ -130,7 +130,7 @@ def meta_train(
 ) -> None:
     """Feed batches of ``tasks_per_update`` training episodes to ``learner.meta_train_step``."""
     learner.train()
-    bar = tqdm(total=n_tasks, desc="meta-train", unit="task", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=n_tasks, desc="meta-train", unit="task", disable=None if progress else True, dynamic_ncols=True)
     batch: list[Episode] = []
     seen, update = 0, 0
     for episode in episodes:
