@@ -139,7 +139,7 @@ def parse_subgraph(nodes: Sequence[Mapping[str, Any]], spec: DatasetSpec, split:
 
 
 def split_subgraph(spec: DatasetSpec, split: Split | str) -> list[Mapping[str, Any]] | None:
-    """The raw node list of ``split`` from ``spec.extra["split_subgraphs"]``, or None when it has none (or it is empty)."""
+    """The raw node list of ``split`` in ``spec.extra["split_subgraphs"]``; None when absent or empty."""
     graphs = spec.extra.get("split_subgraphs")
     if not isinstance(graphs, Mapping):
         return None
@@ -171,7 +171,9 @@ def class_dag(spec: DatasetSpec, split: Split | str) -> ClassDag | None:
     return dag
 
 
-def export_subgraph(children: Mapping[str, Sequence[str]], words: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+def export_subgraph(
+    children: Mapping[str, Sequence[str]], words: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Write a DAG given as {node: children} in Meta-Dataset's node-list layout (sorted, with parents_ids).
 
     Nodes that appear only as children become leaves. Used by converters and tests.

@@ -39,7 +39,11 @@ MODES = ("variable", "fixed")
 @dataclass(frozen=True)
 class SamplerConfig:
     """Episode shape. ``variable`` is Meta-Dataset's variable-way variable-shot protocol;
-    ``fixed`` gives ``way``-way ``shot``-shot episodes with ``query`` queries per class."""
+    ``fixed`` gives ``way``-way ``shot``-shot episodes with ``query`` queries per class.
+
+    The hierarchy switches apply only to specs that have one (a WordNet subgraph for the split,
+    or superclasses); ``ignore_hierarchy_probability`` samples that share of their episodes flat.
+    """
 
     mode: str = "variable"
     way: int = 5

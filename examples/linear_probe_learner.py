@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from episodes.episode import Episode, Support
 from metabench.learners import LEARNERS
-from metabench.learners.base import Learner, LearnerConfig, ProtoState
+from metabench.learners.base import Learner, LearnerConfig
 from metabench.nn.heads import class_prototypes, embed
 
 
@@ -31,6 +31,19 @@ class ProtoLinearConfig(LearnerConfig):
     name: str = "protolinear"
     dim: int = 64  # size of the learned embedding
     lr: float = 1e-3
+
+
+class _Projected(nn.Module):
+    """Frozen backbone features through the learned linear map."""
+
+    def __init__(self, backbone: nn.Module, proj: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.proj = backbone, proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            frozen = self.backbone(x)
+        return self.proj(frozen.float())
 
 
 @LEARNERS.register("protolinear")
@@ -45,32 +58,23 @@ class ProtoLinear(Learner):
         self.proj = nn.Linear(backbone.feature_dim, cfg.dim)
         self.optimizer = torch.optim.Adam(self.proj.parameters(), lr=cfg.lr)
 
-    def _features(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            frozen = embed(self.backbone, x)
-        return self.proj(frozen.float())
+    def task_model(self, support: Support) -> nn.Module:
+        # The same model for every task; adapt() and predict() of the base class use it.
+        return _Projected(self.backbone, self.proj)
 
-    def _logits(self, feats: Tensor, prototypes: Tensor) -> Tensor:
-        return -torch.cdist(feats, prototypes).pow(2)
+    def logits(self, features: Tensor, prototypes: Tensor) -> Tensor:
+        return -torch.cdist(features.float(), prototypes).pow(2)
 
     def meta_train_step(self, episodes: Sequence[Episode]) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         losses, accs = [], []
         for ep in episodes:
-            protos = class_prototypes(self._features(ep.support_x), ep.support_y, ep.way)
-            logits = self._logits(self._features(ep.query_x), protos)
-            loss = F.cross_entropy(logits, ep.query_y) / len(episodes)
-            loss.backward()
-            losses.append(loss.item() * len(episodes))
+            model = self.task_model(ep.support)
+            protos = class_prototypes(embed(model, ep.support_x), ep.support_y, ep.way)
+            logits = self.logits(embed(model, ep.query_x), protos)
+            loss = F.cross_entropy(logits, ep.query_y)
+            (loss / len(episodes)).backward()
+            losses.append(loss.item())
             accs.append((logits.argmax(-1) == ep.query_y).float().mean().item())
         self.optimizer.step()
         return {"loss": sum(losses) / len(losses), "accuracy": sum(accs) / len(accs)}
-
-    @torch.no_grad()
-    def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0) -> ProtoState:
-        protos = class_prototypes(self._features(support.x), support.y, support.way)
-        return ProtoState(way=support.way, prototypes=protos)
-
-    @torch.no_grad()
-    def predict(self, state: ProtoState, query_x: Tensor) -> Tensor:
-        return self._logits(self._features(query_x), state.prototypes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import pickle
+import shutil
 import time
 
 import numpy as np
@@ -196,8 +197,9 @@ def test_mnist(mnist, idx_cache, monkeypatch):
 
 
 @needs_mnist
-def test_mnist_redecodes_a_damaged_cache(mnist, tmp_path, caplog):
-    MNIST(cache=tmp_path)
+def test_mnist_redecodes_a_damaged_cache(mnist, idx_cache, tmp_path, caplog):
+    for f in idx_cache.glob("mnist-*"):
+        shutil.copy(f, tmp_path / f.name)
     next(tmp_path.glob("mnist-*.npy")).write_bytes(b"not an array")
     with caplog.at_level(logging.WARNING):
         again = MNIST(cache=tmp_path)

@@ -6,15 +6,18 @@ does); the engine owns loops, devices, seeds and I/O and never calls ``backward`
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import math
+from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from episodes.episode import Episode, Support
 from metabench.config import LearnerConfig
+from metabench.nn.heads import class_prototypes, cosine_logits, embed
 
 if TYPE_CHECKING:
     from metabench.backbones import Backbone
@@ -35,17 +38,22 @@ class TaskState:
 
 @dataclass
 class ProtoState(TaskState):
-    """Class prototypes in feature space, the state of every prototype-based learner."""
+    """Class prototypes in the feature space of a task model: the state of prototype-based learners."""
 
     prototypes: Tensor  # [way, d]
+    model: nn.Module | None = None  # feature extractor for this task (None: the learner's backbone)
+    sparsity: float = math.nan  # fraction of zero entries in the task update, when the learner has one
 
 
 class Learner(nn.Module, ABC):
     """A few-shot learner on a backbone.
 
     Subclasses set ``Config`` (a dataclass subclass of ``LearnerConfig`` holding their options,
-    configurable as ``learner.<key>=value``) and implement ``adapt`` and ``predict``; a learner
-    with a meta-training phase also implements ``meta_train_step``.
+    configurable as ``learner.<key>=value``). The defaults make a prototype learner: ``task_model``
+    gives the feature extractor for a task (the backbone unless overridden), ``adapt`` builds class
+    prototypes with it (after fine-tuning it on the support set when ``mode`` asks for it), and
+    ``predict`` scores queries with ``logits``. A learner with a meta-training phase implements
+    ``meta_train_step``; any method may be overridden.
     """
 
     Config: ClassVar[type[LearnerConfig]] = LearnerConfig
@@ -60,6 +68,9 @@ class Learner(nn.Module, ABC):
         """True when the subclass implements ``meta_train_step``."""
         return type(self).meta_train_step is not Learner.meta_train_step
 
+    def setup_training(self, total_updates: int) -> None:
+        """Called once before meta-training with the number of outer updates (for schedules)."""
+
     def meta_train_step(self, episodes: Sequence[Episode]) -> dict[str, float]:
         """One outer update from a batch of training episodes, including backward and optimiser steps.
 
@@ -67,13 +78,37 @@ class Learner(nn.Module, ABC):
         """
         raise NotMetaTrainable(f'Learner "{self.cfg.name}" has no meta-training phase; set train.episodes=0.')
 
-    @abstractmethod
-    def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0) -> TaskState:
-        """Fit one task from its support set without mutating the learner; ``steps=0`` is zero-shot."""
+    def task_model(self, support: Support) -> nn.Module:
+        """The feature extractor specialised to this task, before any fine-tuning (must not modify self)."""
+        return self.backbone
 
-    @abstractmethod
+    def logits(self, features: Tensor, prototypes: Tensor) -> Tensor:
+        """Classifier head on features: ``10 * cos(feature, prototype)`` unless overridden."""
+        return cosine_logits(features.float(), prototypes, 10.0)
+
+    def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0,
+              options: Any = None) -> TaskState:
+        """Fit one task from its support set without mutating the learner; ``steps=0`` is zero-shot.
+
+        ``mode`` names an evaluation protocol ("zero_shot", or a fine-tuning protocol of
+        ``metabench.protocols``), which receives ``options``.
+        """
+        model = self.task_model(support)
+        if mode != "zero_shot" and steps > 0:
+            from metabench.protocols import fine_tune
+
+            model = fine_tune(self, model, support, mode=mode, steps=steps, options=options)
+        with torch.no_grad():
+            feats = embed(model, support.x).float()
+        return ProtoState(way=support.way, prototypes=class_prototypes(feats, support.y, support.way), model=model)
+
     def predict(self, state: TaskState, query_x: Tensor) -> Tensor:
         """Logits ``[n_query, way]`` for the query images under an adapted state."""
+        if not isinstance(state, ProtoState):
+            raise TypeError(f"{type(self).__name__}.predict got a {type(state).__name__}; override predict for it.")
+        model = state.model if state.model is not None else self.backbone
+        with torch.no_grad():
+            return self.logits(embed(model, query_x), state.prototypes)
 
     def describe(self) -> dict[str, int | float | str]:
         """Scalars recorded in the run manifest (parameter counts, sparsity, number of experts, ...)."""
