@@ -335,6 +335,7 @@ class SuiteEpisodeSet(EpisodeSet):
         sources: the sources it was frozen on (checked by spec fingerprint).
         image_size: output side length; default the suite's (None there: native size).
         only: evaluate these sources of the suite only (default all, in the suite's order).
+        max_per_source: keep the first this many episodes of each source (a quicker, nested subset).
     """
 
     def __init__(
@@ -343,6 +344,7 @@ class SuiteEpisodeSet(EpisodeSet):
         sources: Mapping[str, Source] | Sequence[Source],
         image_size: int | None = None,
         only: Sequence[str] | None = None,
+        max_per_source: int | None = None,
     ) -> None:
         names = list(only) if only is not None else suite.source_names
         suite.check_sources(sources, names)
@@ -350,6 +352,10 @@ class SuiteEpisodeSet(EpisodeSet):
         self.suite = suite
         keep = set(names)
         self.plans = [p for p in suite.plans if p.source in keep]
+        if max_per_source is not None:
+            taken: dict[str, int] = {}
+            self.plans = [p for p in self.plans if (taken.__setitem__(p.source, taken.get(p.source, 0) + 1)
+                                                    or taken[p.source] <= max_per_source)]
         super().__init__([given[n] for n in names], suite.split, suite.sampler, n_episodes=suite.n_per_source,
                          seed=suite.seed, image_size=image_size if image_size is not None else suite.image_size)
 

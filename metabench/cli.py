@@ -107,6 +107,64 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_episodes(args: argparse.Namespace) -> int:
+    from episodes.episode import Split
+    from episodes.suites import freeze_named, list_suites
+
+    if args.action == "ls":
+        for name in list_suites(args.out):
+            print(name)
+        return 0
+    if args.suite is None:
+        raise ConfigError("episodes freeze needs --suite NAME (a shipped recipe such as embedded-test, or a new name with --sources and --split).")
+    suite = freeze_named(args.suite, n=args.n, seed=args.seed, sources=args.sources,
+                         split=Split(args.split) if args.split else None, image_size=args.image_size,
+                         directory=args.out)
+    print(f"Froze suite {suite.name}: {len(suite)} episodes -> {suite.path}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from episodes.convert import convert_named
+
+    path = convert_named(args.source, args.root, args.out, image_size=args.image_size, store=args.store,
+                         progress=not args.quiet)
+    print(f"Wrote {path}")
+    return 0
+
+
+def _episodes_parser(sub: argparse._SubParsersAction) -> None:
+    ep = sub.add_parser("episodes", help="freeze or list evaluation suites (fixed episode lists)",
+                        description="Freeze a list of evaluation episodes (source, classes, images, shots) with a "
+                        "content hash, so every learner is compared on the same episodes (eval.suite=NAME).")
+    ep.add_argument("action", choices=["freeze", "ls"], help="freeze a suite, or list the known suites")
+    ep.add_argument("--suite", help="suite name: a recipe (embedded-test, embedded-valid) or a new name")
+    ep.add_argument("--n", type=int, help="episodes per source (default: the recipe's, else 600)")
+    ep.add_argument("--seed", type=int, default=0, help="seed of the episode stream (default 0)")
+    ep.add_argument("--sources", nargs="+", help="source names, for a suite that is not a recipe")
+    ep.add_argument("--split", choices=["train", "valid", "test"], help="class split, for a suite that is not a recipe")
+    ep.add_argument("--image-size", type=int, help="image size recorded with the suite (default: native)")
+    ep.add_argument("--out", help="folder for the suite file (default: the package's episodes/suites/)")
+    _plugin_arg(ep)
+    ep.set_defaults(func=cmd_episodes)
+
+
+def _data_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="convert a source into the packed HDF5 cache",
+                          description="Decode a source once into one HDF5 file (uint8 images or encoded bytes, "
+                          "per-class offsets, the spec); Meta-Dataset sources then read <root>/<name>.h5.")
+    data.add_argument("action", choices=["convert"], help="what to do")
+    data.add_argument("source", help="source name (see `metabench ls sources`)")
+    data.add_argument("--root", help="data root holding the source (for file-based sources)")
+    data.add_argument("--out", help="output file or folder (default: <root>/<source>.h5)")
+    data.add_argument("--image-size", type=int, help="resize images to this square size (default: native)")
+    data.add_argument("--store", choices=["uint8", "encoded"], default="uint8",
+                      help="decoded uint8 arrays (fastest) or the encoded bytes (smallest)")
+    data.add_argument("--quiet", action="store_true", help="no progress bar")
+    _plugin_arg(data)
+    data.set_defaults(func=cmd_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metabench", description="Few-shot transfer benchmark for vision foundation models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -124,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", type=Path, help="a run folder written by `metabench run`")
     _common_run_args(ev)
     ev.set_defaults(func=cmd_eval)
+
+    _episodes_parser(sub)
+    _data_parser(sub)
 
     ls = sub.add_parser("ls", help="list registered learners, backbones or data sources")
     ls.add_argument("what", choices=["learners", "backbones", "sources"], help="which registry to list")
@@ -151,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_plugins(args.plugin)
         return args.func(args)
-    except (ConfigError, RegistryError, ResultsError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, RegistryError, ResultsError, FileNotFoundError, ValueError, OSError) as err:
         print(f"metabench: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

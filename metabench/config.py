@@ -52,7 +52,7 @@ class BackboneConfig:
 @dataclass
 class DataConfig:
     train_sources: list[str] = field(default_factory=lambda: ["noto"])
-    eval_sources: list[str] = field(default_factory=lambda: ["noto", "digits"])
+    eval_sources: list[str] = field(default_factory=lambda: ["noto", "digits", "mnist"])
     root: str | None = None  # data root for file-based sources (one folder per source)
     image_size: int = 84
     num_workers: int = 0
@@ -70,6 +70,7 @@ class TrainConfig:
 class EvalConfig:
     episodes: int = 40  # per evaluation source
     split: str = "test"
+    suite: str | None = None  # a frozen episode list (`metabench episodes ls`); None samples episodes from the seed
     modes: list[str] = field(default_factory=lambda: ["zero_shot"])
     steps: int = 0
     batch_size: int = 128  # images per backbone forward when embedding an episode
@@ -93,7 +94,7 @@ class RunConfig:
 # Named settings. "cpu" keeps the default run within minutes on a 2-core machine; "paper" is the
 # SMAT/PMF Meta-Dataset setting (8 training sources, 128 px, 50k tasks, 600 test episodes).
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"data": {"image_size": 84}, "eval": {"episodes": 40}},
+    "cpu": {"data": {"image_size": 84}, "eval": {"episodes": 25}},
     "gpu": {"data": {"image_size": 128, "num_workers": 4}, "eval": {"episodes": 600}},
     "paper": {
         "data": {

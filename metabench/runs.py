@@ -118,11 +118,25 @@ def _train(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer:
     save_learner(learner, writer.run_dir / CHECKPOINT)
 
 
+def _eval_episodes(cfg: RunConfig, sources: dict[str, Source]) -> EpisodeSet:
+    """The evaluation episodes: a frozen suite when ``eval.suite`` names one, else sampled from the seed."""
+    eval_sources = [sources[n] for n in cfg.data.eval_sources]
+    if cfg.eval.suite is None:
+        return EpisodeSet(eval_sources, Split(cfg.eval.split), cfg.data.sampler, cfg.eval.episodes,
+                          seed=cfg.seed, image_size=cfg.data.image_size, per_source=True)
+    from episodes.suites import SuiteEpisodeSet, load_suite
+
+    suite = load_suite(cfg.eval.suite)
+    if suite.split.value != cfg.eval.split:
+        raise ValueError(f'Suite "{suite.name}" holds {suite.split.value} episodes but eval.split is '
+                         f'"{cfg.eval.split}"; set eval.split={suite.split.value}.')
+    return SuiteEpisodeSet(suite, eval_sources, image_size=cfg.data.image_size, only=cfg.data.eval_sources,
+                           max_per_source=cfg.eval.episodes)
+
+
 def _evaluate(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer: RunWriter, run_id: str,
               device: torch.device, precision: str, progress: bool) -> None:
-    eval_sources = [sources[n] for n in cfg.data.eval_sources]
-    episode_set = EpisodeSet(eval_sources, Split(cfg.eval.split), cfg.data.sampler, cfg.eval.episodes,
-                             seed=cfg.seed, image_size=cfg.data.image_size, per_source=True)
+    episode_set = _eval_episodes(cfg, sources)
     ctx = EvalContext(run_id, cfg.learner.name, cfg.backbone.name, {n: s.domain for n, s in sources.items()})
     rows = evaluate(learner, make_loader(episode_set, num_workers=cfg.data.num_workers), ctx,
                     modes=cfg.eval.modes, steps=cfg.eval.steps, device=device, precision=precision,

@@ -96,3 +96,38 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_pat
     assert message in err
     assert err.strip().count("\n") == 0
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_eval_on_a_frozen_suite_matches_sampled_episodes(tmp_path: Path, capsys) -> None:
+    from metabench.cli import main
+
+    common = ["--learner", "pre", *FAST, "data.eval_sources=[digits]", "eval.episodes=2"]
+    assert main(["run", *common, "--out", str(tmp_path / "sampled")]) == 0
+    assert main(["run", *common, "eval.suite=embedded-test", "--out", str(tmp_path / "suite")]) == 0
+    (sampled,) = (tmp_path / "sampled").iterdir()
+    (suite,) = (tmp_path / "suite").iterdir()
+    a = pd.read_parquet(sampled / "episodes.parquet")
+    b = pd.read_parquet(suite / "episodes.parquet")
+    assert a["episode_id"].tolist() == b["episode_id"].tolist()
+    assert a["accuracy"].tolist() == b["accuracy"].tolist()
+
+
+def test_episodes_freeze_and_ls(tmp_path: Path, capsys) -> None:
+    from metabench.cli import main
+
+    args = ["episodes", "freeze", "--suite", "tiny", "--sources", "digits", "--split", "test", "--n", "3",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "3 episodes" in capsys.readouterr().out
+    assert main(["episodes", "ls", "--out", str(tmp_path)]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert main(["episodes", "freeze", "--suite", "nonsense", "--out", str(tmp_path)]) == 2
+    assert "has no recipe" in capsys.readouterr().err
+
+
+def test_data_convert_digits_to_hdf5(tmp_path: Path, capsys) -> None:
+    from metabench.cli import main
+
+    out = tmp_path / "digits.h5"
+    assert main(["data", "convert", "digits", "--out", str(out), "--quiet"]) == 0
+    assert out.is_file() and str(out) in capsys.readouterr().out
