@@ -163,10 +163,10 @@ class EpisodeSet(Dataset[Episode]):
             images = source.read(class_id, s_idx + q_idx)
             parts_s.append(images[: len(s_idx)])
             parts_q.append(images[len(s_idx) :])
-        pixels = torch.from_numpy(np.concatenate(parts_s + parts_q)).permute(0, 3, 1, 2)
+        # numpy's transposing copy is ~3x faster than torch's permute().contiguous() on uint8 here.
+        pixels = torch.from_numpy(np.ascontiguousarray(np.concatenate(parts_s + parts_q).transpose(0, 3, 1, 2)))
         if self.image_size is not None:
-            pixels = resize_uint8(pixels, self.image_size)
-        pixels = pixels.contiguous()
+            pixels = resize_uint8(pixels, self.image_size).contiguous()
         return Episode(
             support_x=pixels[:n_support],
             support_y=torch.tensor([label[c] for c, _ in plan.support], dtype=torch.int64),

@@ -130,6 +130,7 @@ def write_md_source(
         spec["__class__"] = "BiLevelDatasetSpecification"
         spec["superclasses_per_split"] = {f"Split.{s}": k for s, k in zip(splits, superclasses_per_split)}
         spec["classes_per_superclass"] = {str(s): k for s, k in enumerate(classes_per_superclass)}
+        del spec["classes_per_split"]  # as in MD's BiLevel specs: implied by the superclasses
     (folder / "dataset_spec.json").write_text(json.dumps(spec, indent=1))
     out.spec = spec
     return out

@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     proc = _cli("run", "--learner", "pre", *FAST, "--out", str(out), "--seed", "3")
     assert proc.returncode == 0, proc.stderr
-    assert "noto" in proc.stdout and "digits" in proc.stdout and "NOT pretrained" in proc.stdout
+    assert all(s in proc.stdout for s in ("noto", "digits", "mnist", "NOT pretrained"))
     (run,) = out.iterdir()
     return run
 
@@ -38,11 +38,11 @@ def test_run_writes_the_results_schema(run_dir: Path) -> None:
     assert manifest["seed"] == 3 and manifest["config"]["seed"] == 3
     assert manifest["backbone"]["alias"] == "vit_test" and manifest["backbone"]["pretrained"] is False
     assert manifest["versions"]["torch"]
-    assert set(manifest["sources"]) == {"noto", "digits"}
+    assert set(manifest["sources"]) == {"noto", "digits", "mnist"}
     assert "learner:" in (run_dir / "config.yaml").read_text()
     frame = pd.read_parquet(run_dir / "episodes.parquet")
     assert list(frame.columns) == EPISODE_COLUMNS
-    assert len(frame) == 6 and set(frame["source"]) == {"noto", "digits"}
+    assert len(frame) == 9 and set(frame["source"]) == {"noto", "digits", "mnist"}
     assert set(frame["domain"]) == {"id", "ood"}
     assert frame["accuracy"].between(0, 1).all() and (frame["way"] >= 5).all()
 
@@ -52,9 +52,9 @@ def test_eval_of_a_saved_run_is_reproducible(run_dir: Path) -> None:
     proc = _cli("eval", "--run", str(run_dir), "--quiet", "eval.episodes=4")
     assert proc.returncode == 0, proc.stderr
     after = pd.read_parquet(run_dir / "episodes.parquet")
-    assert len(after) == 8  # the 6 earlier episodes are evaluated again (replaced), plus one more per source
+    assert len(after) == 12  # the 9 earlier episodes are evaluated again (replaced), plus one more per source
     merged = before.merge(after, on=["episode_id", "mode", "steps"], suffixes=("", "_again"))
-    assert len(merged) == 6
+    assert len(merged) == 9
     assert (merged["accuracy"] == merged["accuracy_again"]).all()
     assert json.loads((run_dir / "manifest.json").read_text())["evaluations"]
 

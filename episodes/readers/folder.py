@@ -33,20 +33,10 @@ from PIL import Image, ImageOps
 
 from episodes.episode import Split
 from episodes.readers.base import Source, cache_dir
-from episodes.spec import DatasetSpec, SpecError, parse_split
+from episodes.spec import DatasetSpec, parse_split
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "NAMED_FOLDERS",
-    "FolderSourceError",
-    "ImageFolderSource",
-    "decode_image",
-    "index_path",
-    "open_named_folder",
-    "read_index",
-    "within_class_order",
-    "write_index",
-]
+__all__ = ["IMAGE_EXTENSIONS", "NAMED_FOLDERS", "FolderSourceError", "ImageFolderSource", "decode_image",
+           "index_path", "open_named_folder", "within_class_order", "write_index"]
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +107,6 @@ def index_path(kind: str, key: str) -> Path:
     return cache_dir() / "index" / f"{kind}-{digest}.json"
 
 
-def read_index(path: Path, stamp: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The cached index at ``path`` if it was written for exactly ``stamp``, else None."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("stamp") != json.loads(json.dumps(stamp)):
-        return None
-    return data
-
-
 def write_index(path: Path, stamp: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
     """Write an index atomically (temp file, then rename); a failure only costs a rescan next time."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -161,15 +140,20 @@ def _has_images(path: Path) -> bool:
     return any(e.is_file() and _is_image(e.name) for e in os.scandir(path))
 
 
-def _find_class_root(root: Path) -> Path:
-    """``root`` itself, or the single sub-folder that holds the class folders (food-101/images)."""
-    subdirs = _subdirs(root)
-    if any(_has_images(d) for d in subdirs):
-        return root
-    nested = [d for d in subdirs if any(_has_images(c) for c in _subdirs(d))]
-    if len(nested) == 1:
-        log.info("Folder %s: reading the class folders in %s", root, nested[0].name)
-        return nested[0]
+def _find_class_root(root: Path, max_depth: int = 3) -> Path:
+    """``root``, or the folder below it that holds the class folders, reached through single
+    candidates (``food-101/images/`` beside ``food-101/meta/``, ``EuroSAT/2750/``)."""
+    current = root
+    for _ in range(max_depth + 1):
+        subdirs = _subdirs(current)
+        if any(_has_images(d) for d in subdirs):
+            if current != root:
+                log.info("Folder %s: reading the class folders in %s", root, current)
+            return current
+        deeper = [d for d in subdirs if _subdirs(d)]
+        if len(deeper) != 1:
+            break
+        current = deeper[0]
     raise FolderSourceError(
         f"Folder {root} has no class sub-folders with images; put the images in {root}/<class name>/ "
         "or add a Meta-Album labels.csv with an images/ folder."
@@ -180,7 +164,7 @@ def _scan_folders(root: Path) -> tuple[Path, list[_Class]]:
     base = _find_class_root(root)
     classes = []
     for d in _subdirs(base):
-        files = sorted(e.name for e in os.scandir(d) if e.is_file() and _is_image(e.name))
+        files = sorted(f"{d.name}/{e.name}" for e in os.scandir(d) if e.is_file() and _is_image(e.name))
         if not files:
             raise FolderSourceError(
                 f"Class folder {d} has no images (.jpg, .png, ...); add images or remove the folder."
@@ -189,21 +173,11 @@ def _scan_folders(root: Path) -> tuple[Path, list[_Class]]:
     return base, classes
 
 
-def _csv_columns(root: Path) -> tuple[str, str, str]:
-    """Meta-Album's column names, from info.json when it names them."""
-    columns = ["FILE_NAME", "CATEGORY", "SUPER_CATEGORY"]
-    try:
-        info = json.loads((root / "info.json").read_text(encoding="utf-8"))
-        keys = ("image_column_name", "category_column_name", "super_category_column_name")
-        columns = [str(info.get(k) or c) for k, c in zip(keys, columns)]
-    except (OSError, ValueError, AttributeError):
-        pass
-    return columns[0], columns[1], columns[2]
-
-
 def _scan_meta_album(root: Path) -> tuple[Path, list[_Class]]:
     labels, base = root / "labels.csv", root / "images"
-    file_col, cat_col, super_col = _csv_columns(root)
+    file_col, cat_col, super_col = "FILE_NAME", "CATEGORY", "SUPER_CATEGORY"
+    if not labels.is_file():
+        raise FolderSourceError(f"{labels} does not exist; the meta_album layout needs it (or use layout=folders).")
     with open(labels, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = [c for c in (file_col, cat_col) if c not in (reader.fieldnames or [])]
@@ -247,8 +221,9 @@ def _watched(root: Path, base: Path, layout: str, classes: Sequence[_Class]) -> 
     if layout == "meta_album":
         return [".", "labels.csv", "images"]
     prefix = os.path.relpath(base, root)
-    extra = [] if prefix == "." else [prefix]
-    return [".", *extra, *(os.path.normpath(os.path.join(prefix, c.name)) for c in classes)]
+    parts = [] if prefix == "." else Path(prefix).parts
+    between = [os.path.join(*parts[: k + 1]) for k in range(len(parts))]  # every folder down to the classes
+    return [".", *between, *(os.path.normpath(os.path.join(prefix, c.name)) for c in classes)]
 
 
 def _load_or_scan(root: Path, layout: str) -> tuple[Path, list[_Class]]:
@@ -386,7 +361,8 @@ class ImageFolderSource(Source):
             raise ValueError(f'Source "{self.name}": need resize in {RESIZE_MODES} and image_size >= 1 or None.')
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"Image folder {self.root} does not exist; download the data there or fix the path.")
+            raise FileNotFoundError(f"Image folder {self.root} does not exist; "
+                                    "download the data there or fix the path.")
         self.domain, self.image_size, self.resize = domain, image_size, resize
         self.layout = _detect_layout(self.root, layout)
         self._base, classes = _load_or_scan(self.root, self.layout)
@@ -407,7 +383,8 @@ class ImageFolderSource(Source):
             with Image.open(path) as img:
                 return img.height, img.width
         except OSError as e:
-            raise FolderSourceError(f"Image {path} cannot be decoded ({e}); replace or delete it and run again.") from None
+            raise FolderSourceError(f"Image {path} cannot be decoded ({e}); "
+                                    "replace or delete it and run again.") from None
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -433,14 +410,14 @@ class ImageFolderSource(Source):
 
 
 # -- named out-of-distribution folders under data.root ---------------------------------------------
-NAMED_FOLDERS: dict[str, tuple[str, str]] = {
-    "sketch": ("DomainNet Sketch", "sketch/<class>/*.jpg as unpacked"),
-    "clipart": ("DomainNet Clipart", "clipart/<class>/*.jpg as unpacked"),
-    "food101": ("Food-101", "food-101/images/<class>/*.jpg; the images/ folder is found by itself"),
+NAMED_FOLDERS: dict[str, tuple[str, str]] = {  # name -> (title, what <data.root>/<name>/ holds)
+    "sketch": ("DomainNet Sketch", "<class>/*.jpg, as DomainNet's sketch.zip unpacks"),
+    "clipart": ("DomainNet Clipart", "<class>/*.jpg, as DomainNet's clipart.zip unpacks"),
+    "food101": ("Food-101", "<class>/*.jpg, or food-101/images/<class>/ as the archive unpacks"),
     "pets": ("Oxford-IIIT Pets", "one folder per breed, or labels.csv + images/ (the download is flat)"),
     "cars": ("Stanford Cars", "one folder per car model, or labels.csv + images/"),
     "cropdisease": ("CropDisease (PlantVillage)", "one folder per crop-disease class"),
-    "eurosat": ("EuroSAT (RGB)", "<class>/*.jpg, or 2750/<class>/ as unpacked"),
+    "eurosat": ("EuroSAT (RGB)", "<class>/*.jpg, or 2750/<class>/ as the archive unpacks"),
     "isic": ("ISIC 2018 skin lesions", "labels.csv + images/ made from the ground-truth CSV, or class folders"),
     "chestx": ("ChestX-ray14", "labels.csv + images/ for CDFSL's 7 single-label classes, or class folders"),
 }

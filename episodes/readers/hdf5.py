@@ -77,7 +77,7 @@ class PackedHDF5(Source):
 
     def _open(self) -> h5py.File:
         try:
-            return h5py.File(self.path, "r", locking=False)
+            return h5py.File(self.path, "r")
         except (OSError, ValueError) as e:
             raise _broken(self.path, e) from None
 
@@ -97,6 +97,7 @@ class PackedHDF5(Source):
             self._channels = int(attrs["channels"])
             self._offsets = np.asarray(f["offsets"][:], dtype=np.int64)
             n_images = f["images"].shape[0]
+            self._chunks = _chunk_table(f["images"]) if self.store == "uint8" else None
         except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
             raise _broken(self.path, f"missing or unreadable metadata: {e}") from None
         counts = [self.spec.images_per_class[c] for c in range(self.spec.num_classes)]
@@ -123,11 +124,24 @@ class PackedHDF5(Source):
         try:
             if self.store == "encoded":
                 return self._read_encoded(rows)[inverse]
-            images = self._read_runs(rows)
+            images = self._read_runs(rows) if self._chunks is None else self._read_chunks(rows)
         except (OSError, RuntimeError) as e:  # h5py raises these for unreadable chunks
             raise _broken(self.path, e) from None
         images = images[inverse]
         return np.repeat(images, 3, axis=-1) if self._channels == 1 else images
+
+    def _read_chunks(self, rows: np.ndarray) -> np.ndarray:
+        """Read each image's chunk straight from the file (one ``preadv`` into the output row)."""
+        assert self._chunks is not None
+        ds = self._dataset()
+        assert self._h5 is not None
+        fd = self._h5.id.get_vfd_handle()
+        out = np.empty((len(rows), *ds.shape[1:]), dtype=np.uint8)
+        nbytes = out[0].nbytes
+        for k, row in enumerate(rows):
+            if os.preadv(fd, [out[k].reshape(-1)], int(self._chunks[row])) != nbytes:
+                raise OSError(f"image {int(row)} lies past the end of the file")
+        return out
 
     def _read_runs(self, rows: np.ndarray) -> np.ndarray:
         """Read sorted unique rows, one hyperslab per run of consecutive rows (fancy indexing is slow)."""
@@ -146,7 +160,7 @@ class PackedHDF5(Source):
         out = np.empty((len(rows), self._size, self._size, 3), dtype=np.uint8)
         for k, row in enumerate(rows):
             data = ds[int(row)].tobytes()
-            out[k] = decode_image(data, self._size, lambda: f"{self.path} image {int(row)}")
+            out[k] = decode_image(data, self._size, f"{self.path} image {int(row)}")
         return out
 
     def close(self) -> None:
@@ -162,21 +176,51 @@ class PackedHDF5(Source):
         return state
 
 
-def cache_matches_records(cache: Path, folder: Path) -> bool:
+def _chunk_table(ds: h5py.Dataset) -> np.ndarray | None:
+    """File offset of every image when each is one unfiltered chunk, else None (h5py reads then).
+
+    h5py costs tens of microseconds per read call; a direct ``preadv`` per image costs a few, and
+    the table (8 bytes per image) is built once from HDF5's chunk index.
+    """
+    n = ds.shape[0]
+    if ds.chunks != (1, *ds.shape[1:]) or ds.compression or ds.fletcher32 or ds.shuffle or ds.scaleoffset:
+        return None
+    if not hasattr(ds.id, "chunk_iter") or ds.file.driver != "sec2" or n == 0:
+        return None
+    table = np.full(n, -1, dtype=np.int64)
+    nbytes = int(np.prod(ds.chunks))
+
+    def visit(info: Any) -> None:
+        if info.filter_mask == 0 and info.size == nbytes:
+            table[info.chunk_offset[0]] = info.byte_offset
+
+    ds.id.chunk_iter(visit)
+    return table if (table >= 0).all() else None
+
+
+def cache_matches_records(cache: Path, folder: Path, image_size: int | None = None) -> bool:
     """True when the packed ``cache`` may stand in for the records in ``folder``.
 
-    A cache whose spec differs from ``folder/dataset_spec.json`` (stale) or that cannot be read
-    is skipped with a warning, so a bad cache never hides the source data.
+    A cache that cannot be read, whose spec differs from ``folder/dataset_spec.json`` (stale),
+    or that holds another image size than one explicitly asked for is skipped with a warning,
+    so a cache never silently changes what a run reads.
     """
     try:
-        cached = PackedHDF5(cache).spec
+        packed = PackedHDF5(cache)
     except (PackedHDF5Error, SpecError, OSError) as e:
         log.warning("ignoring the packed cache: %s", e)
+        return False
+    cached = packed.spec
+    if image_size is not None and packed.store == "uint8" and packed.native_size[0] != int(image_size):
+        log.warning("ignoring the packed cache %s: it holds %d px images, image_size=%s was asked; reading the "
+                    "records (convert again at that size to cache it)", cache, packed.native_size[0], image_size)
         return False
     spec_file = folder / "dataset_spec.json"
     if not spec_file.is_file():
         return True
-    records = DatasetSpec.from_json(spec_file)
+    from episodes.readers.tfrecord import read_md_spec
+
+    records = read_md_spec(spec_file)
     same = (records.classes_per_split == cached.classes_per_split
             and records.images_per_class == cached.images_per_class)
     if not same:

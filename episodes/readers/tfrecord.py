@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import struct
@@ -24,8 +25,9 @@ import crc32c
 import numpy as np
 from PIL import Image
 
+from episodes.episode import Split
 from episodes.readers.base import Source, cache_dir
-from episodes.spec import DatasetSpec, SpecError
+from episodes.spec import DatasetSpec, SpecError, parse_split
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -35,6 +37,7 @@ __all__ = [
     "decode_image",
     "md_tfrecords",
     "open_md_source",
+    "read_md_spec",
 ]
 
 log = logging.getLogger(__name__)
@@ -166,7 +169,7 @@ class _IndexCache:
         log.warning("could not cache the record index of %s anywhere; it will be rebuilt next time", self.folder)
 
 
-def decode_image(data: bytes, size: int, where: Callable[[], str]) -> np.ndarray:
+def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
     """Decode JPEG/PNG bytes to RGB uint8 ``[size, size, 3]`` (bilinear, like MD's square resize).
 
     JPEG ``draft`` mode decodes at a reduced scale still at least ``size``, which makes large
@@ -174,26 +177,27 @@ def decode_image(data: bytes, size: int, where: Callable[[], str]) -> np.ndarray
     """
     try:
         img = Image.open(io.BytesIO(data))
-        img.draft("RGB", (size, size))
-        img = img.convert("RGB")
-        if img.size != (size, size):
+        img.draft(img.mode if img.mode in ("L", "RGB") else "RGB", (size, size))
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGB")
+        if img.size != (size, size):  # greyscale is resized before widening: a third of the work
             img = img.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        return np.asarray(img.convert("RGB") if img.mode == "L" else img, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise TFRecordError(f"{where()} holds an image that cannot be decoded ({e}); "
+        raise TFRecordError(f"{where} holds an image that cannot be decoded ({e}); "
                             "re-convert this class or remove the record.") from None
 
 
-def _image_bytes(payload: bytes, where: Callable[[], str]) -> bytes:
+def _image_bytes(payload: bytes, where: str) -> bytes:
     from tfrecord import example_pb2  # the pinned tfrecord package: Example protobuf without TensorFlow
 
     try:
         example = example_pb2.Example.FromString(payload)
         values = example.features.feature["image"].bytes_list.value
     except Exception as e:  # protobuf's DecodeError has no stable import path
-        raise TFRecordError(f"{where()} is not a tf.train.Example ({e}); re-convert this class.") from None
+        raise TFRecordError(f"{where} is not a tf.train.Example ({e}); re-convert this class.") from None
     if len(values) != 1:
-        raise TFRecordError(f'{where()} has no single "image" bytes feature; is this Meta-Dataset data?')
+        raise TFRecordError(f'{where} has no single "image" bytes feature; is this Meta-Dataset data?')
     return values[0]
 
 
@@ -223,7 +227,7 @@ class MetaDatasetTFRecords(Source):
         index_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.folder = _source_folder(Path(root), name)
-        spec = DatasetSpec.from_json(self.folder / "dataset_spec.json")
+        spec = read_md_spec(self.folder / "dataset_spec.json")
         if "{}" not in spec.file_pattern or spec.file_pattern.count("{}") != 1:
             raise SpecError(f'{self.folder / "dataset_spec.json"}: file_pattern "{spec.file_pattern}" is not '
                             'supported; only one file per class ("{}.tfrecords") is.')
@@ -288,9 +292,8 @@ class MetaDatasetTFRecords(Source):
         out = np.empty((len(idx), self.image_size, self.image_size, 3), dtype=np.uint8)
         path = self.class_file(class_id)
         for rows, recno, payload in self._payloads(class_id, idx):
-            data = _image_bytes(payload, lambda: f"{path} record {recno}")
-            image = decode_image(data, self.image_size, lambda: f"{path} record {recno}")
-            out[rows] = image
+            where = f"{path} record {recno}"
+            out[rows] = decode_image(_image_bytes(payload, where), self.image_size, where)
         return out
 
     def read_encoded(self, class_id: int, indices: Sequence[int]) -> list[bytes]:
@@ -299,7 +302,7 @@ class MetaDatasetTFRecords(Source):
         out: list[bytes] = [b""] * len(idx)
         path = self.class_file(class_id)
         for rows, recno, payload in self._payloads(class_id, idx):
-            data = _image_bytes(payload, lambda: f"{path} record {recno}")
+            data = _image_bytes(payload, f"{path} record {recno}")
             for r in rows:
                 out[r] = data
         return out
@@ -367,6 +370,31 @@ def _spans(offsets: np.ndarray, ends: np.ndarray) -> list[list[int]]:
     return spans
 
 
+def read_md_spec(path: Path) -> DatasetSpec:
+    """Read ``dataset_spec.json``; MD's BiLevel specs (Omniglot) omit classes_per_split, derived here."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return DatasetSpec.from_json(path)  # raises its one-sentence error
+    if isinstance(data, dict) and "classes_per_split" not in data and "split_subgraphs" in data:
+        from episodes.hierarchy import spec_from_md_hierarchical  # ILSVRC's HierarchicalDatasetSpecification
+
+        return spec_from_md_hierarchical(data)
+    if isinstance(data, dict) and "classes_per_split" not in data and "classes_per_superclass" in data:
+        try:
+            per_split = {parse_split(k): int(v) for k, v in data["superclasses_per_split"].items()}
+            sizes = {int(k): int(v) for k, v in data["classes_per_superclass"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SpecError(f"{path}: cannot read the superclass counts ({e}).") from None
+        counts, first = {}, 0
+        for split in Split:
+            ids = range(first, first + per_split.get(split, 0))
+            counts[split.name] = sum(sizes.get(s, 0) for s in ids)
+            first = ids.stop
+        data = {**data, "classes_per_split": counts}
+    return DatasetSpec.from_dict(data, origin=str(path))
+
+
 def _source_folder(root: Path, name: str | None) -> Path:
     """The folder with ``dataset_spec.json``: ``root`` itself or ``root/name``."""
     if not root.is_dir():
@@ -403,10 +431,9 @@ def open_md_source(name: str, root: str | None = None, *, format: str = "auto", 
     if format == "h5" or (format == "auto" and cache.is_file()):
         from episodes.readers.hdf5 import PackedHDF5, cache_matches_records
 
-        if format == "h5" or cache_matches_records(cache, Path(root) / name):
-            h5_options = {k: v for k, v in options.items() if k in ("domain",)}
+        if format == "h5" or cache_matches_records(cache, Path(root) / name, options.get("image_size")):
             log.info('Source "%s": reading the packed cache %s', name, cache)
-            return PackedHDF5(cache, name=name, **h5_options)
+            return PackedHDF5(cache, name=name, domain=options.get("domain"))
     return MetaDatasetTFRecords(root, name=name, **options)
 
 
