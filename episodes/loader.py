@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +95,7 @@ class EpisodeSet(Dataset[Episode]):
         seed: int = 0,
         image_size: int | None = None,
         per_source: bool = True,
+        augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> None:
         if not sources:
             raise ValueError("An EpisodeSet needs at least one source.")
@@ -110,6 +111,7 @@ class EpisodeSet(Dataset[Episode]):
         self.seed = seed
         self.image_size = image_size
         self.per_source = per_source
+        self.augment = augment  # e.g. episodes.augment.TrainAugment(); called as augment(images, seed)
         for source in self.sources:  # fail now, with the class named, not at episode 317
             check_split(source.spec, self.split, self.config)
         log.debug("EpisodeSet: %d episodes of %s (%s, seed %d)", len(self), ", ".join(names), self.split.value, seed)
@@ -167,6 +169,8 @@ class EpisodeSet(Dataset[Episode]):
         pixels = torch.from_numpy(np.ascontiguousarray(np.concatenate(parts_s + parts_q).transpose(0, 3, 1, 2)))
         if self.image_size is not None:
             pixels = resize_uint8(pixels, self.image_size).contiguous()
+        if self.augment is not None:  # seeded by the episode, so identical for any number of workers
+            pixels = self.augment(pixels, int(plan.episode_id[:8], 16) ^ self.seed)
         return Episode(
             support_x=pixels[:n_support],
             support_y=torch.tensor([label[c] for c, _ in plan.support], dtype=torch.int64),

@@ -108,3 +108,17 @@ def test_clear_errors(noto, digits):
         EpisodeSet([noto], "test", SamplerConfig(mode="fixed", shot=5, query=15))
     with pytest.raises(IndexError, match="out of range"):
         EpisodeSet([noto], "test", n_episodes=2).describe(2)
+
+
+def test_train_augmentation_is_seeded_per_episode(noto, digits):
+    from episodes.augment import TrainAugment
+
+    plain = EpisodeSet([noto, digits], Split.TEST, SamplerConfig(), 2, seed=4, per_source=True)
+    aug = EpisodeSet([noto, digits], Split.TEST, SamplerConfig(), 2, seed=4, per_source=True, augment=TrainAugment())
+    a0 = [e for e in make_loader(aug, num_workers=0)]
+    a2 = [e for e in make_loader(aug, num_workers=2)]
+    for x, y, p in zip(a0, a2, plain):
+        assert x.episode_id == y.episode_id == p.episode_id
+        assert torch.equal(x.support_x, y.support_x) and torch.equal(x.query_x, y.query_x)
+        assert x.support_x.shape == p.support_x.shape and x.support_x.dtype == torch.uint8
+        assert not torch.equal(x.support_x, p.support_x)
