@@ -83,10 +83,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.learner or args.backbone or args.config:
             raise ConfigError("eval --run takes its learner, backbone and config from the run folder; "
                               "change settings with key=value overrides instead.")
-        outcome = eval_saved_run(args.run, args.overrides, progress=not args.quiet)
+        outcome = eval_saved_run(args.run, args.overrides, modes=args.mode, steps=args.steps, progress=not args.quiet)
     else:
         cfg = load_config(args.config, [*args.overrides, "train.episodes=0"], _flags(args))
-        outcome = execute(cfg, progress=not args.quiet)
+        outcome = execute(cfg, progress=not args.quiet, modes=args.mode, steps=args.steps)
     _print_results(outcome.run_dir)
     return 0
 
@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="With --run DIR: evaluate that run again (its config plus overrides) and "
                         "append the rows to its results. Without: like `run` with train.episodes=0.")
     ev.add_argument("--run", type=Path, help="a run folder written by `metabench run`")
+    ev.add_argument("--mode", nargs="+", choices=["zero_shot", "full", "lora"],
+                    help="evaluation protocols: zero_shot (prototypes, no gradient step), full (fine-tune the whole "
+                    "task model on the support set), lora (fine-tune LoRA adapters); default: eval.modes or the "
+                    "learner's own default")
+    ev.add_argument("--steps", nargs="+", type=int, help="fine-tuning steps; each fine-tuning mode runs once per "
+                    "positive value (zero_shot always runs with 0 steps); default: eval.steps")
     _common_run_args(ev)
     ev.set_defaults(func=cmd_eval)
 
@@ -195,13 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # Overrides may sit between or after flags: argparse leaves the later ones unparsed.
-    args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides may sit anywhere (even after a multi-value flag such as --steps): take them out first.
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    if overrides and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose or os.environ.get("METABENCH_DEBUG"):
         load_plugins(args.plugin)

@@ -21,6 +21,7 @@ __all__ = [
     "BackboneConfig",
     "ConfigError",
     "DataConfig",
+    "EVAL_MODES",
     "EvalConfig",
     "LearnerConfig",
     "PRESETS",
@@ -66,14 +67,39 @@ class TrainConfig:
     log_every: int = 10
 
 
+#: Evaluation protocols: "zero_shot" (prototypes only), "full" and "lora" (test-time fine-tuning, metabench.protocols).
+EVAL_MODES: tuple[str, ...] = ("zero_shot", "full", "lora")
+LR_SELECTIONS: tuple[str, ...] = ("valid", "support", "fixed")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
+#: Linear layers of every ViT block; a bare "proj" would also catch the patch-embedding Conv2d.
+LORA_TARGET = r"(.*\.)?blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+
+
 @dataclass
 class EvalConfig:
+    """Evaluation episodes and protocols. Fields shared by name with ``metabench.protocols.FineTuneOptions``
+    (optimizer ... lora_lr_scale, batch_size) are copied into it."""
+
     episodes: int = 40  # per evaluation source
     split: str = "test"
     suite: str | None = None  # a frozen episode list (`metabench episodes ls`); None samples episodes from the seed
-    modes: list[str] = field(default_factory=lambda: ["zero_shot"])
-    steps: int = 0
-    batch_size: int = 128  # images per backbone forward when embedding an episode
+    modes: list[str] | None = None  # zero_shot | full | lora; None: the learner's default_modes
+    steps: int = 10  # fine-tuning steps of the full and lora modes (zero_shot rows always have steps 0)
+    batch_size: int = 128  # images per backbone forward when embedding an episode (and per fine-tuning step)
+    lr: float | None = None  # fine-tuning learning rate; None: choose it from lr_grid as lr_selection says
+    lr_selection: str = "valid"  # valid (per source on validation episodes, else support) | support | fixed
+    lr_grid: list[float] = field(default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3])
+    lr_valid_episodes: int = 5  # validation episodes per source that score each lr of lr_grid
+    optimizer: str = "adam"  # adam (PMF) | adamw (SMAT) | sgd
+    weight_decay: float = 0.0
+    augment: bool = True  # pseudo-queries are DiffAugment views of the support set (else the clean images)
+    augment_prob: float = 0.9  # chance an image gets colour + translation
+    flip_prob: float = 0.5
+    lora_rank: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_target: str = LORA_TARGET  # regex fully matching the module names that get adapters
+    lora_lr_scale: float = 10.0  # LoRA mode trains adapters at lr * lora_lr_scale (SMAT)
 
 
 @dataclass
@@ -95,7 +121,7 @@ class RunConfig:
 # SMAT/PMF Meta-Dataset setting (8 training sources, 128 px, 50k tasks, 600 test episodes).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"data": {"image_size": 84}, "eval": {"episodes": 25}},
-    "gpu": {"data": {"image_size": 128, "num_workers": 4}, "eval": {"episodes": 600}},
+    "gpu": {"data": {"image_size": 128, "num_workers": 4}, "eval": {"episodes": 600, "steps": 50}},
     "paper": {
         "data": {
             "image_size": 128,
@@ -109,7 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             ],
         },
         "train": {"episodes": 50000, "tasks_per_update": 4},
-        "eval": {"episodes": 600},
+        "eval": {"episodes": 600, "steps": 50},
     },
 }
 
@@ -197,14 +223,14 @@ def _check_values(cfg: RunConfig) -> None:
     """Checks OmegaConf's types cannot express."""
     if cfg.eval.split not in ("train", "valid", "test"):
         raise ConfigError(f'Config key "eval.split" must be train, valid or test, not "{cfg.eval.split}".')
-    known_modes = ("zero_shot",)
-    for mode in cfg.eval.modes:
-        if mode not in known_modes:
+    for mode in cfg.eval.modes or ():
+        if mode not in EVAL_MODES:
             raise ConfigError(
-                f'Unknown evaluation mode "{mode}" in eval.modes.{suggest(mode, list(known_modes))} '
-                f"Known: {', '.join(known_modes)}."
+                f'Unknown evaluation mode "{mode}" in eval.modes.{suggest(mode, list(EVAL_MODES))} '
+                f"Known: {', '.join(EVAL_MODES)}."
             )
-    for key in ("data.image_size", "eval.episodes", "eval.batch_size", "train.tasks_per_update"):
+    for key in ("data.image_size", "eval.episodes", "eval.batch_size", "train.tasks_per_update",
+                "eval.lr_valid_episodes", "eval.lora_rank"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f'Config key "{key}" must be a positive integer.')
@@ -212,6 +238,28 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError('Config keys "train.episodes" and "eval.steps" must not be negative.')
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f'Config key "precision" must be auto, fp32, bf16 or fp16, not "{cfg.precision}".')
+    _check_fine_tuning(cfg.eval)
+
+
+def _check_fine_tuning(ev: EvalConfig) -> None:
+    for key, known in (("lr_selection", LR_SELECTIONS), ("optimizer", OPTIMIZERS)):
+        value = getattr(ev, key)
+        if value not in known:
+            raise ConfigError(f'Config key "eval.{key}" must be one of {", ".join(known)}, '
+                              f'not "{value}".{suggest(value, list(known))}')
+    if any(m != "zero_shot" for m in ev.modes or ()) and ev.steps == 0:
+        raise ConfigError("eval.modes has a fine-tuning mode but eval.steps=0; set eval.steps to a positive number.")
+    if ev.lr is None and ev.lr_selection == "fixed":
+        raise ConfigError('eval.lr_selection=fixed needs a learning rate: set eval.lr (e.g. eval.lr=1e-4).')
+    if not ev.lr_grid or min(ev.lr_grid) < 0 or (ev.lr is not None and ev.lr < 0):
+        raise ConfigError('Config keys "eval.lr" and "eval.lr_grid" need non-negative learning rates '
+                          "(and a non-empty grid).")
+    for key in ("augment_prob", "flip_prob", "lora_dropout"):
+        if not 0 <= getattr(ev, key) <= 1:
+            raise ConfigError(f'Config key "eval.{key}" must be a probability between 0 and 1.')
+    if ev.weight_decay < 0 or ev.lora_lr_scale <= 0 or ev.lora_alpha <= 0:
+        raise ConfigError('Config keys "eval.weight_decay" (>= 0), "eval.lora_lr_scale" and "eval.lora_alpha" (> 0) '
+                          "are out of range.")
 
 
 def to_yaml(cfg: RunConfig) -> str:

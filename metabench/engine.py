@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,9 +15,11 @@ from tqdm.auto import tqdm
 
 from episodes.episode import Episode
 from metabench.learners.base import Learner
+from metabench.lr_selection import LrSelector
+from metabench.protocols import Protocol
 from metabench.results import EpisodeRow
 
-__all__ = ["EvalContext", "autocast", "evaluate", "meta_train", "select_device"]
+__all__ = ["EvalContext", "autocast", "evaluate", "meta_train", "select_device", "select_learning_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +70,33 @@ def evaluate(
     episodes: Iterable[Episode],
     ctx: EvalContext,
     *,
-    modes: list[str],
-    steps: int,
+    protocols: Sequence[Protocol],
     device: torch.device,
     precision: str = "fp32",
+    selector: LrSelector | None = None,
     total: int | None = None,
     progress: bool = True,
 ) -> Iterator[EpisodeRow]:
-    """Adapt to each episode's support set and score its query set, one row per (episode, mode).
+    """Adapt to each episode's support set and score its query set, one row per (episode, protocol).
 
     The learner is put in eval mode and is never changed: ``adapt`` returns a separate task state.
+    Fine-tuning protocols get their learning rate from ``selector``, which sees the support set and
+    the source name only (without one they use ``FineTuneOptions()``); query labels are read after
+    ``predict``, to score. ``seconds`` includes learning-rate selection.
     """
     learner.eval()
     bar = tqdm(episodes, total=total, desc="evaluate", unit="ep", disable=None if progress else True, dynamic_ncols=True)
     running: list[float] = []
     for episode in bar:
         episode = episode.to(device)
-        for mode in modes:
+        for protocol in protocols:
             start = time.perf_counter()
-            grad = torch.enable_grad() if steps > 0 else torch.no_grad()
+            grad = torch.enable_grad() if protocol.fine_tunes else torch.no_grad()
             with grad, autocast(device, precision):
-                state = learner.adapt(episode.support, mode=mode, steps=steps)
+                if selector is not None:
+                    state = selector.adapt(learner, episode.source, episode.support, protocol)
+                else:
+                    state = learner.adapt(episode.support, mode=protocol.mode, steps=protocol.steps)
             with torch.no_grad(), autocast(device, precision):
                 logits = learner.predict(state, episode.query_x).float()
             seconds = time.perf_counter() - start
@@ -103,8 +111,8 @@ def evaluate(
                 split=episode.split.value,
                 domain=ctx.domains.get(episode.source, "id"),
                 episode_id=episode.episode_id,
-                mode=mode,
-                steps=steps,
+                mode=protocol.mode,
+                steps=protocol.steps,
                 way=episode.way,
                 shots=int(episode.support_y.numel()),
                 n_query=int(episode.query_y.numel()),
@@ -114,6 +122,26 @@ def evaluate(
                 seconds=seconds,
             )
         bar.set_postfix(source=episode.source, acc=f"{100 * sum(running) / len(running):.1f}")
+
+
+def select_learning_rates(
+    learner: Learner,
+    selector: LrSelector,
+    validation: dict[str, list[Episode]],
+    protocols: Sequence[Protocol],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+) -> None:
+    """Run ``selector.fit_on_validation`` for each source's validation episodes and fine-tuning protocol,
+    before any test episode is seen (the ``valid`` learning-rate selection)."""
+    learner.eval()
+    for source, episodes in validation.items():
+        episodes = [ep.to(device) for ep in episodes]
+        for protocol in protocols:
+            if protocol.fine_tunes:
+                with torch.enable_grad(), autocast(device, precision):
+                    selector.fit_on_validation(learner, source, protocol, episodes)
 
 
 def meta_train(

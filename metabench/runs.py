@@ -17,21 +17,25 @@ import torch
 from omegaconf import OmegaConf
 
 import metabench
-from episodes.episode import Split
+from episodes.episode import Episode, Split
 from episodes.loader import EpisodeSet, make_loader
 from episodes.readers import SOURCES
 from episodes.readers.base import Source
+from episodes.sampler import check_split
 from metabench.backbones import Backbone, create_backbone
-from metabench.config import RunConfig, load_config, to_yaml
-from metabench.engine import EvalContext, evaluate, meta_train, resolve_precision, select_device
+from metabench.config import ConfigError, RunConfig, load_config, to_yaml
+from metabench.engine import EvalContext, evaluate, meta_train, resolve_precision, select_device, select_learning_rates
 from metabench.learners import create_learner
 from metabench.learners.base import Learner
+from metabench.lr_selection import LrSelector
+from metabench.protocols import Protocol, plan_protocols
 from metabench.results import RunWriter, load_run
 
-__all__ = ["RunOutcome", "build_sources", "eval_saved_run", "execute"]
+__all__ = ["RunOutcome", "build_sources", "eval_saved_run", "execute", "plan_eval"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/learner.safetensors"
+_VALID_SEED_OFFSET = 10_007  # lr-selection episodes never coincide with evaluation episodes of eval.split=valid
 
 
 @dataclass
@@ -134,16 +138,50 @@ def _eval_episodes(cfg: RunConfig, sources: dict[str, Source]) -> EpisodeSet:
                            max_per_source=cfg.eval.episodes)
 
 
+def plan_eval(cfg: RunConfig, learner: Learner, modes: list[str] | None = None,
+              steps: list[int] | None = None) -> list[Protocol]:
+    """The protocols to evaluate: ``modes`` (else eval.modes, else the learner's ``default_modes``) times
+    ``steps`` (else [eval.steps]); zero_shot always runs with 0 steps."""
+    modes = modes or cfg.eval.modes or list(learner.default_modes)
+    try:
+        return plan_protocols(modes, [cfg.eval.steps] if steps is None else steps)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _validation_episodes(cfg: RunConfig, sources: dict[str, Source]) -> dict[str, list[Episode]]:
+    """``eval.lr_valid_episodes`` validation episodes of each evaluation source that has a usable validation split."""
+    found: dict[str, list[Episode]] = {}
+    for name in dict.fromkeys(cfg.data.eval_sources):
+        try:
+            check_split(sources[name].spec, Split.VALID, cfg.data.sampler)
+        except ValueError as err:
+            log.info("No validation episodes for %s (%s); its learning rate is chosen on each support set.", name, err)
+            continue
+        episode_set = EpisodeSet([sources[name]], Split.VALID, cfg.data.sampler, cfg.eval.lr_valid_episodes,
+                                 seed=cfg.seed + _VALID_SEED_OFFSET, image_size=cfg.data.image_size, per_source=True)
+        found[name] = [episode_set[i] for i in range(len(episode_set))]
+    return found
+
+
 def _evaluate(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer: RunWriter, run_id: str,
-              device: torch.device, precision: str, progress: bool) -> None:
+              device: torch.device, precision: str, progress: bool,
+              protocols: list[Protocol]) -> dict[str, Any] | None:
+    """Evaluate ``protocols`` on the evaluation episodes; returns the learning-rate record (None: no fine-tuning)."""
+    selector = LrSelector.from_eval(cfg.eval, seed=cfg.seed)
+    tuning = [p for p in protocols if p.fine_tunes]
+    if tuning and selector.wants_validation:
+        select_learning_rates(learner, selector, _validation_episodes(cfg, sources), tuning,
+                              device=device, precision=precision)
     episode_set = _eval_episodes(cfg, sources)
     ctx = EvalContext(run_id, cfg.learner.name, cfg.backbone.name, {n: s.domain for n, s in sources.items()})
     rows = evaluate(learner, make_loader(episode_set, num_workers=cfg.data.num_workers), ctx,
-                    modes=cfg.eval.modes, steps=cfg.eval.steps, device=device, precision=precision,
+                    protocols=protocols, device=device, precision=precision, selector=selector,
                     total=len(episode_set), progress=progress)
     for row in rows:
         writer.add_rows([row])
     writer.flush()
+    return selector.record() if tuning else None
 
 
 def save_learner(learner: Learner, path: Path) -> None:
@@ -166,8 +204,12 @@ def load_learner_state(learner: Learner, path: Path) -> None:
                          "evaluate it with the learner and backbone it was trained with.")
 
 
-def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None) -> RunOutcome:
-    """Run ``cfg`` end to end (meta-train when configured, then evaluate) and write its run folder."""
+def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None,
+            modes: list[str] | None = None, steps: list[int] | None = None) -> RunOutcome:
+    """Run ``cfg`` end to end (meta-train when configured, then evaluate) and write its run folder.
+
+    ``modes`` and ``steps`` replace eval.modes and [eval.steps] (see ``plan_eval``).
+    """
     _seed_everything(cfg.seed)
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -176,21 +218,34 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
     backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights,
                                allow_download=cfg.backbone.allow_download)
     learner = create_learner(cfg.learner.name, backbone, cfg.learner).to(device)
+    protocols = plan_eval(cfg, learner, modes, steps)
     run_id = run_dir.name if run_dir is not None else _run_id(cfg)
     writer = RunWriter(run_dir or Path(cfg.out_dir) / run_id)
     manifest = _manifest(cfg, run_id, backbone, learner, sources, device, precision)
     writer.write_config(to_yaml(cfg))
     writer.write_manifest(manifest)
     _train(cfg, learner, sources, writer, device, precision, progress)
-    _evaluate(cfg, learner, sources, writer, run_id, device, precision, progress)
+    manifest["protocols"] = [p.label for p in protocols]
+    lr_record = _evaluate(cfg, learner, sources, writer, run_id, device, precision, progress, protocols)
+    if lr_record is not None:
+        manifest["lr_selection"] = lr_record
     manifest.update(status="finished", finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     learner=learner.describe())
     writer.write_manifest(manifest)
     return RunOutcome(writer.run_dir, manifest)
 
 
-def eval_saved_run(run_dir: Path, overrides: list[str], *, progress: bool = True) -> RunOutcome:
-    """Evaluate a saved run again (e.g. more episodes) and append the rows to its results."""
+def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | None = None,
+                   steps: list[int] | None = None, progress: bool = True) -> RunOutcome:
+    """Evaluate a saved run again (e.g. more episodes, or fine-tuning protocols) and append the rows to its results.
+
+    Args:
+        run_dir: a folder written by ``execute``; its config.yaml and checkpoint are used.
+        overrides: ``key=value`` strings applied to the saved config (e.g. ``eval.episodes=600``).
+        modes: evaluation modes (zero_shot, full, lora); None: eval.modes, else the learner's default.
+        steps: fine-tuning step counts; each fine-tuning mode runs with each positive count, zero_shot
+            once with 0 steps. None: [eval.steps].
+    """
     manifest, _ = load_run(run_dir)
     cfg = load_config(run_dir / "config.yaml", overrides)
     _seed_everything(cfg.seed)
@@ -202,9 +257,17 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, progress: bool = True
     if (run_dir / CHECKPOINT).exists():
         load_learner_state(learner, run_dir / CHECKPOINT)
     learner.to(device)
+    protocols = plan_eval(cfg, learner, modes, steps)
     writer = RunWriter(run_dir, append=True)
-    _evaluate(cfg, learner, sources, writer, manifest["run_id"], device, precision, progress)
-    manifest.setdefault("evaluations", []).append({"argv": sys.argv, "overrides": overrides,
-                                                   "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    lr_record = _evaluate(cfg, learner, sources, writer, manifest["run_id"], device, precision, progress, protocols)
+    evaluation: dict[str, Any] = {"argv": sys.argv, "overrides": overrides, "protocols": [p.label for p in protocols],
+                                  "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if lr_record is not None:
+        evaluation["lr_selection"] = lr_record
+        # The latest choice per protocol label wins; each evaluation keeps its own full record above.
+        latest = manifest.setdefault("lr_selection", {**lr_record, "protocols": {}})
+        latest.update({k: v for k, v in lr_record.items() if k != "protocols"})
+        latest.setdefault("protocols", {}).update(lr_record["protocols"])
+    manifest.setdefault("evaluations", []).append(evaluation)
     writer.write_manifest(manifest)
     return RunOutcome(run_dir, manifest)

@@ -131,3 +131,12 @@ def test_data_convert_digits_to_hdf5(tmp_path: Path, capsys) -> None:
     out = tmp_path / "digits.h5"
     assert main(["data", "convert", "digits", "--out", str(out), "--quiet"]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
+
+
+def test_eval_modes_and_steps_from_the_command_line(run_dir: Path) -> None:
+    proc = _cli("eval", "--run", str(run_dir), "--quiet", "--mode", "zero_shot", "full", "--steps", "0", "2",
+                "eval.episodes=1", "data.eval_sources=[digits]", "eval.lr=0.0001")
+    assert proc.returncode == 0, proc.stderr
+    frame = pd.read_parquet(run_dir / "episodes.parquet")
+    full = frame[frame["mode"] == "full"]
+    assert len(full) == 1 and full["steps"].tolist() == [2] and full["source"].tolist() == ["digits"]

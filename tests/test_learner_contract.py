@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from episodes.episode import Episode, Split
 from metabench.backbones import create_backbone
+from metabench.config import EVAL_MODES
 from metabench.learners import create_learner, list_learners
 from metabench.nn.heads import class_prototypes, cosine_logits
+from metabench.protocols import FineTuneOptions
+from metabench.runs import load_learner_state, save_learner
 
 
 def _episode(seed: int, way: int = 5, shots: int = 3, queries: int = 4, size: int = 32) -> Episode:
@@ -47,6 +51,38 @@ def test_adapt_and_predict_leave_the_learner_unchanged(learner_name: str) -> Non
     after = learner.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("mode", EVAL_MODES)
+def test_every_mode_leaves_the_learner_unchanged_and_is_deterministic(learner_name: str, mode: str) -> None:
+    learner = _learner(learner_name).eval()
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    ep = _episode(4)
+    options = FineTuneOptions(lr=1e-3)
+    steps = 0 if mode == "zero_shot" else 2
+    first = learner.predict(learner.adapt(ep.support, mode=mode, steps=steps, options=options), ep.query_x)
+    second = learner.predict(learner.adapt(ep.support, mode=mode, steps=steps, options=options), ep.query_x)
+    assert first.shape == (ep.query_y.numel(), ep.way) and torch.isfinite(first).all()
+    assert torch.equal(first, second)
+    after = learner.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in learner.parameters())  # not even gradients leak into the learner
+    assert not learner.training
+
+
+def test_checkpoint_round_trip_gives_identical_logits(learner_name: str, tmp_path: Path) -> None:
+    learner = _learner(learner_name)
+    if learner.meta_trainable:
+        learner.train()
+        learner.meta_train_step([_episode(5)])
+    learner.eval()
+    save_learner(learner, tmp_path / "learner.safetensors")
+    torch.manual_seed(123)  # a different random init: only the checkpoint can make them agree
+    fresh = create_learner(learner_name, create_backbone("vit_test")).eval()
+    load_learner_state(fresh, tmp_path / "learner.safetensors")
+    ep = _episode(6)
+    assert torch.equal(learner.predict(learner.adapt(ep.support), ep.query_x),
+                       fresh.predict(fresh.adapt(ep.support), ep.query_x))
 
 
 def test_zero_shot_is_deterministic(learner_name: str) -> None:

@@ -16,6 +16,9 @@ __all__ = ["LEARNERS", "create_learner", "learner_config_class", "list_learners"
 #: name -> Learner subclass. Outside packages add theirs through the ``metabench.learners`` entry-point group.
 LEARNERS: Registry[type[Learner]] = Registry("learner", entry_point_group="metabench.learners")
 LEARNERS.register("pre", "baselines.pre:Pre")
+LEARNERS.register("pmf", "baselines.pmf:PMF")
+LEARNERS.register("lora", "baselines.lora:LoRA")
+LEARNERS.register("finetune", "baselines.finetune:FineTune")
 
 
 def list_learners() -> list[str]:

@@ -10,7 +10,7 @@ import math
 from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from metabench.nn.heads import class_prototypes, cosine_logits, embed
 
 if TYPE_CHECKING:
     from metabench.backbones import Backbone
+    from metabench.protocols import FineTuneOptions
 
 __all__ = ["Learner", "LearnerConfig", "NotMetaTrainable", "TaskState", "ProtoState"]
 
@@ -57,6 +58,8 @@ class Learner(nn.Module, ABC):
     """
 
     Config: ClassVar[type[LearnerConfig]] = LearnerConfig
+    #: Evaluation protocols run when the user leaves ``eval.modes`` unset (e.g. ``finetune``: "full").
+    default_modes: ClassVar[tuple[str, ...]] = ("zero_shot",)
 
     def __init__(self, backbone: Backbone, cfg: LearnerConfig) -> None:
         super().__init__()
@@ -87,7 +90,7 @@ class Learner(nn.Module, ABC):
         return cosine_logits(features.float(), prototypes, 10.0)
 
     def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0,
-              options: Any = None) -> TaskState:
+              options: FineTuneOptions | None = None) -> TaskState:
         """Fit one task from its support set without mutating the learner; ``steps=0`` is zero-shot.
 
         ``mode`` names an evaluation protocol ("zero_shot", or a fine-tuning protocol of
