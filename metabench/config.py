@@ -57,6 +57,7 @@ class DataConfig:
     root: str | None = None  # data root for file-based sources (one folder per source)
     image_size: int = 84
     num_workers: int = 0
+    augment: bool = False  # train-time augmentation of meta-training episodes (resized crop, jitter, flip)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
 
@@ -126,6 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {
             "image_size": 128,
             "num_workers": 8,
+            "augment": True,
             "train_sources": [
                 "ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower",
             ],

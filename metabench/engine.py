@@ -157,6 +157,7 @@ def meta_train(
     progress: bool = True,
 ) -> None:
     """Feed batches of ``tasks_per_update`` training episodes to ``learner.meta_train_step``."""
+    learner.setup_training(math.ceil(n_tasks / tasks_per_update))
     learner.train()
     bar = tqdm(total=n_tasks, desc="meta-train", unit="task", disable=None if progress else True, dynamic_ncols=True)
     batch: list[Episode] = []
