@@ -72,7 +72,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, _flags(args))
     outcome = execute(cfg, progress=not args.quiet)
     _print_results(outcome.run_dir)
+    _write_own_report(outcome.run_dir)
     return 0
+
+
+def _write_own_report(run_dir: Path) -> None:
+    """``run`` ends with the report of its own run, next to its results."""
+    from analysis.report import write_report
+
+    print(f"Report: {write_report([run_dir], run_dir / 'report')}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -104,6 +112,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console().print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+
+    path = write_report(args.runs, args.out, baseline=args.baseline, sweep_key=args.sweep_key)
+    print(f"Report: {path}")
     return 0
 
 
@@ -189,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common_run_args(ev)
     ev.set_defaults(func=cmd_eval)
 
+    rep = sub.add_parser("report", help="tables, figures and an HTML/Markdown report from run folders",
+                         description="Read run folders (results only) and write report.html (self-contained), "
+                         "report.md, tables (Markdown, LaTeX, CSV) and figures (PNG, SVG) to --out.")
+    rep.add_argument("runs", nargs="+", type=Path, help="run folders written by `metabench run`")
+    rep.add_argument("--out", type=Path, required=True, help="folder for the report")
+    rep.add_argument("--baseline", help="run label that paired comparisons and the speed-up refer to "
+                     "(default: the first run)")
+    rep.add_argument("--sweep-key", help="dotted config key swept across the runs (default: detected)")
+    rep.set_defaults(func=cmd_report, plugin=[])
     _episodes_parser(sub)
     _data_parser(sub)
 

@@ -58,7 +58,8 @@ class DataConfig:
     image_size: int = 84
     num_workers: int = 0
     augment: bool = False  # train-time augmentation of meta-training episodes (resized crop, jitter, flip)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # evaluation episodes
+    train_sampler: SamplerConfig = field(default_factory=SamplerConfig)  # meta-training episodes
 
 
 @dataclass
@@ -121,8 +122,15 @@ class RunConfig:
 # Named settings. "cpu" keeps the default run within minutes on a 2-core machine; "paper" is the
 # SMAT/PMF Meta-Dataset setting (8 training sources, 128 px, 50k tasks, 600 test episodes).
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"data": {"image_size": 84}, "eval": {"episodes": 25}},
-    "gpu": {"data": {"image_size": 128, "num_workers": 4}, "eval": {"episodes": 600, "steps": 50}},
+    # On a CPU, meta-training uses 5-way 5-shot episodes (a variable episode of up to 1,000 images needs
+    # ~10 GB of activations for one backward pass); evaluation keeps Meta-Dataset's variable episodes.
+    "cpu": {
+        "data": {"image_size": 84, "train_sampler": {"mode": "fixed", "way": 5, "shot": 5, "query": 10}},
+        "train": {"episodes": 40},
+        "eval": {"episodes": 25},
+    },
+    "gpu": {"data": {"image_size": 128, "num_workers": 4}, "train": {"episodes": 10000},
+            "eval": {"episodes": 600, "steps": 50}},
     "paper": {
         "data": {
             "image_size": 128,

@@ -35,6 +35,12 @@ EPISODES = "episodes.parquet"
 TRAIN_LOG = "train_log.jsonl"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class ResultsError(RuntimeError):
     """A run folder that is missing or not in the results schema."""
 
@@ -75,6 +81,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,6 +128,7 @@ class RunWriter:
             tmp_path = Path(tmp.name)
         try:
             frame.to_parquet(tmp_path, index=False)
+            os.chmod(tmp_path, 0o666 & ~_umask())
             os.replace(tmp_path, path)
         finally:
             tmp_path.unlink(missing_ok=True)

@@ -114,7 +114,7 @@ def _train(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer:
         return
     train_sources = [sources[n] for n in cfg.data.train_sources]
     augment = TrainAugment() if cfg.data.augment else None
-    episode_set = EpisodeSet(train_sources, Split.TRAIN, cfg.data.sampler, cfg.train.episodes, seed=cfg.seed,
+    episode_set = EpisodeSet(train_sources, Split.TRAIN, cfg.data.train_sampler, cfg.train.episodes, seed=cfg.seed,
                              image_size=cfg.data.image_size, per_source=False, augment=augment)
     loader = make_loader(episode_set, num_workers=cfg.data.num_workers)
     meta_train(learner, loader, n_tasks=cfg.train.episodes, tasks_per_update=cfg.train.tasks_per_update,

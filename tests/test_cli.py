@@ -140,3 +140,13 @@ def test_eval_modes_and_steps_from_the_command_line(run_dir: Path) -> None:
     frame = pd.read_parquet(run_dir / "episodes.parquet")
     full = frame[frame["mode"] == "full"]
     assert len(full) == 1 and full["steps"].tolist() == [2] and full["source"].tolist() == ["digits"]
+
+
+def test_run_writes_its_report_and_report_command(run_dir: Path, tmp_path: Path, capsys) -> None:
+    from metabench.cli import main
+
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "NOT PRETRAINED" in html.upper() and "noto" in html
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.md").is_file()
+    assert str(tmp_path / "rep") in capsys.readouterr().out

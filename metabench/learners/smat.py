@@ -1,0 +1,420 @@
+"""``smat``: Sparse MetA-Tuning (Chen et al., ICML 2024, arXiv:2403.08477), and its mask ablations.
+
+A task model is theta_i = theta_pre + (sum_m alpha_im z_m) * delta: the frozen pretrained backbone
+interpolated with a soft merge of M sparse experts (``metabench.nn.sparse_experts``), merge weights
+alpha_i predicted from the support set by a router (``metabench.nn.router``).
+
+Meta-training, per task (gradient accumulation over the batch):
+
+1. alpha from the router (relaxed Bernoulli, temperature max(0.5, 5 - t/4000)), merge to theta_i;
+2. class prototypes of the support set under theta_i (they stay the head, as in ProtoMAML);
+3. one first-order SGD step (lr 1e-3) of the merged weights on the support cross-entropy: the inner
+   gradient is detached, so theta_i' = theta_i - lr * sg(g) and the query loss reaches delta, masks and
+   router through theta_i (and through the prototypes);
+4. query cross-entropy at theta_i'; distillation from a dense task-specific teacher (a detached copy of
+   theta_i' after ``teacher_steps`` SGD steps on the query set, as upstream, or on the support set) and,
+   as upstream's code does, from the frozen pretrained model; loss = 0.75 CE + 0.25 KD + 1e-4 mean(l^2);
+5. once per update: the sparsity Lagrangian (``smat_losses``), optional SIMoE orthogonality, separate
+   optimisers for delta, masks and router, projected ascent on the multipliers.
+
+Evaluation merges the experts into a dense copy of the backbone (``task_model``), so the generic
+fine-tuning protocols work unchanged; no inner step at zero-shot, as upstream.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from episodes.episode import Episode, Support
+from metabench.learners import LEARNERS
+from metabench.learners.base import Learner, LearnerConfig, ProtoState, TaskState
+from metabench.learners.smat_losses import KD_DIRECTIONS, LagrangianSparsity, distillation, warmup_cosine
+from metabench.nn.heads import class_prototypes, embed
+from metabench.nn.router import TaskRouter
+from metabench.nn.sparse_experts import GateCache, SparseInterpolatedExperts
+
+__all__ = ["SMAT", "SMATConfig", "SMATState", "SoftMerge", "SMATRandom", "SMATMagnitude"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SMATConfig(LearnerConfig):
+    """SMAT options; defaults are the paper's ViT-S settings (see ``docs`` in the module docstring)."""
+
+    name: str = "smat"
+    n_experts: int = 8
+    target: str = r".*"  # regex fully matching backbone parameter names (e.g. "model.blocks.0.attn.qkv.weight")
+    layer_types: list[str] | None = None  # subset of sparse_experts.LAYER_TYPES; None: every layer
+    structured: bool = False  # one gate per Linear input column / conv output channel (advised for ViT-B/L)
+    sparsity: float = 0.9  # tau: each expert keeps at most 1 - tau of its entries (ViT-S 0.9, ViT-B 0.95)
+    sparsity_scope: str = "expert"  # expert (SMAT) | global (SIMoE: one constraint on the mean density)
+    mask_init_mean: float = 0.0
+    mask_init_std: float = 0.5
+    mask_noise: bool = False  # sample hard-concrete noise in training (upstream: off)
+    ortho_weight: float = 0.0  # SIMoE's mask orthogonality penalty
+    router_tokens: int = 4
+    router_heads: int = 4
+    router_mlp_ratio: float = 2.0
+    router_spectral_norm: bool = True
+    temperature_start: float = 5.0  # T = max(temperature_min, temperature_start - tasks_seen / temperature_decay)
+    temperature_min: float = 0.5
+    temperature_decay: float = 4000.0
+    logit_penalty: float = 1e-4  # weight of mean(router logits^2)
+    inner_lr: float = 1e-3
+    inner_steps: int = 1
+    kd_weight: float = 0.25  # loss = (1 - w) CE + w KD
+    kd_temperature: float = 2.0
+    kd_direction: str = "teacher_student"  # teacher_student: KL(teacher||student) | student_teacher (upstream)
+    teacher_steps: int = 1  # SGD steps of the dense teacher (0: no task-specific teacher)
+    teacher_lr: float = 5e-3
+    teacher_data: str = "query"  # query (upstream: uses the query labels) | support
+    kd_pretrained: bool = True  # also distil from the frozen pretrained ProtoNet (upstream code; not in the paper text)
+    delta_lr: float = 1e-4  # ViT-B/L: 5e-4
+    delta_momentum: float = 0.9
+    delta_weight_decay: float = 1e-4
+    mask_lr: float = 1e6  # plain SGD: the masks saturate to {0, 1}
+    mask_clip: float = 5.0
+    lambda_lr: float = 2e-3
+    lambda_reset: bool = True  # a satisfied multiplier drops to 0 (upstream); False: projected ascent
+    router_lr: float = 1e-4
+    router_weight_decay: float = 1e-2
+    router_clip: float = 1.0
+    warmup_fraction: float = 0.1  # 5 of 50 epochs upstream
+    batch_size: int = 128  # images per backbone forward
+
+    def __post_init__(self) -> None:
+        choices = {"sparsity_scope": ("expert", "global"), "kd_direction": KD_DIRECTIONS,
+                   "teacher_data": ("query", "support")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f'learner.{key} must be one of {", ".join(allowed)}, not "{getattr(self, key)}".')
+        if not 0.0 <= self.sparsity < 1.0 or not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError("learner.sparsity must be in [0, 1) and learner.kd_weight in [0, 1].")
+        if self.n_experts < 1 or self.inner_steps < 0 or self.teacher_steps < 0:
+            raise ValueError("learner.n_experts must be positive; inner_steps and teacher_steps not negative.")
+
+
+@dataclass
+class SMATState(ProtoState):
+    """A SMAT task: the merged (and possibly fine-tuned) model, its prototypes and the router's alpha."""
+
+    expert_scores: Tensor | None = None  # alpha [M]
+
+
+@dataclass
+class _TaskOutcome:
+    loss: Tensor
+    ce: float
+    kd: float
+    accuracy: float
+
+
+@LEARNERS.register("smat")
+class SMAT(Learner):
+    """Sparse interpolated experts merged per task by a support-set router (see the module docstring)."""
+
+    Config = SMATConfig
+    mask_kind: ClassVar[str] = "learned"
+
+    def __init__(self, backbone, cfg: SMATConfig) -> None:
+        super().__init__(backbone, cfg)
+        backbone.requires_grad_(False)
+        self.experts = SparseInterpolatedExperts(
+            dict(backbone.named_parameters()), n_experts=cfg.n_experts, pattern=cfg.target,
+            layer_types=cfg.layer_types, structured=cfg.structured, kind=self.mask_kind, density=1.0 - cfg.sparsity,
+            init_mean=cfg.mask_init_mean, init_std=cfg.mask_init_std, noise=cfg.mask_noise)
+        self.router = TaskRouter(backbone.feature_dim, cfg.n_experts, n_tokens=cfg.router_tokens,
+                                 heads=cfg.router_heads, mlp_ratio=cfg.router_mlp_ratio,
+                                 spectral_norm=cfg.router_spectral_norm)
+        self.lagrangian = LagrangianSparsity(cfg.n_experts, cfg.sparsity, cfg.sparsity_scope) if self.learns_masks else None
+        self.register_buffer("tasks_seen", torch.zeros((), dtype=torch.long))  # drives the temperature; saved
+        self.optimizers = self._make_optimizers()
+        self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+        self._scaler: Any = None
+
+    @property
+    def learns_masks(self) -> bool:
+        return self.mask_kind == "learned"
+
+    # -- optimisation --------------------------------------------------------------------------------
+
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        cfg = self.cfg
+        opts: dict[str, torch.optim.Optimizer] = {
+            "delta": torch.optim.SGD(self.experts.delta.parameters(), lr=cfg.delta_lr, momentum=cfg.delta_momentum,
+                                     weight_decay=cfg.delta_weight_decay),
+            "router": torch.optim.AdamW(self.router.parameters(), lr=cfg.router_lr, weight_decay=cfg.router_weight_decay),
+        }
+        if self.learns_masks:
+            opts["masks"] = torch.optim.SGD(self.experts.mask_logits.parameters(), lr=cfg.mask_lr)
+        return opts
+
+    def setup_training(self, total_updates: int) -> None:
+        """Cosine schedule with linear warm-up for delta, masks and router (multipliers keep their lr)."""
+        warmup = max(1, round(self.cfg.warmup_fraction * total_updates)) if self.cfg.warmup_fraction > 0 else 0
+        schedule = partial(warmup_cosine, warmup=warmup, total=max(1, total_updates))
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in self.optimizers.values()]
+
+    def temperature(self) -> float:
+        cfg = self.cfg
+        return max(cfg.temperature_min, cfg.temperature_start - float(self.tasks_seen) / cfg.temperature_decay)
+
+    def _backward(self, loss: Tensor) -> None:
+        (self._scaler.scale(loss) if self._scaler is not None else loss).backward()
+
+    def _step(self) -> None:
+        clips = {"masks": self.cfg.mask_clip, "router": self.cfg.router_clip}
+        for name, opt in self.optimizers.items():
+            if self._scaler is not None:
+                self._scaler.unscale_(opt)
+            if name in clips:
+                nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clips[name])
+            self._scaler.step(opt) if self._scaler is not None else opt.step()
+        if self._scaler is not None:
+            self._scaler.update()
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def _maybe_scaler(self) -> None:
+        """fp16 autocast on CUDA (set by the engine) needs loss scaling; bf16 and fp32 do not."""
+        fp16 = torch.cuda.is_available() and torch.is_autocast_enabled("cuda") \
+            and torch.get_autocast_dtype("cuda") == torch.float16
+        if fp16 and self._scaler is None:
+            self._scaler = torch.amp.GradScaler("cuda")
+        elif not fp16:
+            self._scaler = None
+
+    # -- forward pieces ------------------------------------------------------------------------------
+
+    def _base(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.backbone.named_parameters()}
+
+    def _features(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Backbone features under ``params`` (merged tensors; the rest are the frozen weights)."""
+        return torch.cat([functional_call(self.backbone, dict(params), (c,)) for c in x.split(self.cfg.batch_size)]).float()
+
+    def _pretrained_prototypes(self, x: Tensor, y: Tensor, way: int) -> Tensor:
+        """Router input: class prototypes of the frozen pretrained model, without gradients."""
+        with torch.no_grad():
+            return class_prototypes(embed(self.backbone, x, self.cfg.batch_size).float(), y, way)
+
+    def _inner_adapt(self, theta: dict[str, Tensor], x: Tensor, y: Tensor, way: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Prototypes under theta_i (with their graph) and theta_i' after first-order SGD on the support CE."""
+        feats = self._features(theta, x)
+        prototypes = class_prototypes(feats, y, way)
+        params = theta
+        for step in range(self.cfg.inner_steps):
+            if step:
+                feats = self._features(params, x)
+            loss = F.cross_entropy(self.logits(feats, prototypes.detach()), y)
+            grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True)  # no create_graph: first order
+            params = {n: p - self.cfg.inner_lr * g for (n, p), g in zip(params.items(), grads)}
+        return params, prototypes
+
+    def _teacher_logits(self, ep: Episode, adapted: dict[str, Tensor], prototypes: Tensor, ce: Tensor) -> Tensor:
+        """Query logits of a dense teacher: a detached copy of theta_i' after SGD on query (or support) CE.
+
+        With query data its first gradient equals that of the student's query CE with respect to
+        theta_i', so it is read from the student's graph instead of a second forward pass.
+        """
+        cfg, head = self.cfg, prototypes.detach()
+        if cfg.teacher_data == "query":
+            grads = torch.autograd.grad(ce, list(adapted.values()), retain_graph=True)
+            params = {n: (p - cfg.teacher_lr * g).detach() for (n, p), g in zip(adapted.items(), grads)}
+            steps = cfg.teacher_steps - 1
+        else:
+            params, steps = {n: p.detach() for n, p in adapted.items()}, cfg.teacher_steps
+        x, y = (ep.query_x, ep.query_y) if cfg.teacher_data == "query" else (ep.support_x, ep.support_y)
+        for _ in range(steps):
+            params = {n: p.requires_grad_() for n, p in params.items()}
+            loss = F.cross_entropy(self.logits(self._features(params, x), head), y)
+            grads = torch.autograd.grad(loss, list(params.values()))
+            params = {n: (p - cfg.teacher_lr * g).detach() for (n, p), g in zip(params.items(), grads)}
+        with torch.no_grad():
+            return self.logits(self._features(params, ep.query_x), head)
+
+    def _task_loss(self, ep: Episode, gates: Mapping[str, Tensor] | None, *, sample: bool) -> _TaskOutcome:
+        """The per-task meta-training objective (steps 1-4 of the module docstring)."""
+        cfg, way = self.cfg, ep.way
+        pre_prototypes = self._pretrained_prototypes(ep.support_x, ep.support_y, way)
+        alpha, router_logits = self.router.alpha(pre_prototypes, self.temperature(), sample)
+        theta = self.experts.merge(self._base(), self.experts.updates(alpha, gates))
+        adapted, prototypes = self._inner_adapt(theta, ep.support_x, ep.support_y, way)
+        student = self.logits(self._features(adapted, ep.query_x), prototypes)
+        ce = F.cross_entropy(student, ep.query_y)
+        targets = []
+        if cfg.teacher_steps > 0 and cfg.kd_weight > 0:
+            targets.append(self._teacher_logits(ep, adapted, prototypes, ce))
+        if cfg.kd_pretrained and cfg.kd_weight > 0:
+            with torch.no_grad():
+                targets.append(self.logits(embed(self.backbone, ep.query_x, cfg.batch_size), pre_prototypes))
+        kd = sum(distillation(student, t, cfg.kd_temperature, cfg.kd_direction) for t in targets) / max(1, len(targets))
+        weight = cfg.kd_weight if targets else 0.0
+        loss = (1 - weight) * ce + weight * kd + cfg.logit_penalty * router_logits.float().pow(2).mean()
+        accuracy = (student.argmax(-1) == ep.query_y).float().mean().item()
+        return _TaskOutcome(loss, ce.item(), float(kd.detach()) if isinstance(kd, Tensor) else float(kd), accuracy)
+
+    # -- meta-training -------------------------------------------------------------------------------
+
+    def meta_train_step(self, episodes: Sequence[Episode]) -> dict[str, float]:
+        self._maybe_scaler()
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        cache = GateCache(self.experts, int(torch.randint(2**31 - 1, ()))) if self.learns_masks else None
+        gates = cache.z if cache is not None else self.experts.gates()
+        outcomes = []
+        for ep in episodes:
+            outcome = self._task_loss(ep, gates, sample=True)
+            self._backward(outcome.loss / len(episodes))
+            outcomes.append(outcome)
+        density = self.experts.density(gates)
+        if cache is not None and self.lagrangian is not None:
+            penalty = self.lagrangian.penalty(self.experts.expected_density())
+            if self.cfg.ortho_weight > 0:
+                penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(cache.z)
+            self._backward(penalty)
+            cache.flush()
+        self._step()
+        self.experts.clamp_()
+        if self.lagrangian is not None:
+            self.lagrangian.ascend(density, self.cfg.lambda_lr, self.cfg.lambda_reset)
+        temperature = self.temperature()
+        self.tasks_seen += len(episodes)
+        n = len(outcomes)
+        return {"loss": sum(o.loss.item() for o in outcomes) / n, "accuracy": sum(o.accuracy for o in outcomes) / n,
+                "ce": sum(o.ce for o in outcomes) / n, "kd": sum(o.kd for o in outcomes) / n,
+                "sparsity": 1.0 - float(density.mean()), "temperature": temperature,
+                "lambda": float(self.lagrangian.multipliers.detach().mean()) if self.lagrangian is not None else 0.0,
+                "lr_delta": self.optimizers["delta"].param_groups[0]["lr"]}
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    def expert_scores(self, support: Support) -> Tensor:
+        """Evaluation merge weights alpha ``[M]`` for a task (sigmoid of the router logits, normalised)."""
+        with torch.no_grad():
+            prototypes = self._pretrained_prototypes(support.x, support.y, support.way)
+            return self.router.alpha(prototypes, self.temperature(), sample=False)[0].float()
+
+    def _merged(self, alpha: Tensor) -> tuple[dict[str, Tensor], float]:
+        """Merged targeted weights and the share of targeted entries the task's merged mask zeroes."""
+        with torch.no_grad():
+            gates = self.experts.gates()
+            theta = self.experts.merge(self._base(), self.experts.updates(alpha, gates))
+            masks = self.experts.merged_masks(alpha, gates) if gates is not None else None
+            return theta, self.experts.zero_fraction(masks)
+
+    def export_dense(self, support: Support) -> dict[str, Tensor]:
+        """The task's backbone state dict with the experts merged in (loadable into the backbone)."""
+        theta, _ = self._merged(self.expert_scores(support))
+        return {n: theta[n].clone() if n in theta else t.clone() for n, t in self.backbone.state_dict().items()}
+
+    def task_model(self, support: Support) -> nn.Module:
+        """A dense copy of the backbone holding theta_i, so fine-tuning protocols can deep-copy and train it."""
+        alpha = self.expert_scores(support)
+        theta, sparsity = self._merged(alpha)
+        model = copy.deepcopy(self.backbone)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in theta:
+                    p.copy_(theta[name])
+        model._smat_task = (alpha, sparsity)  # read back by adapt (survives the protocols' deep copies)
+        return model.requires_grad_(False)
+
+    def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0, options: Any = None) -> TaskState:
+        state = super().adapt(support, mode=mode, steps=steps, options=options)
+        assert isinstance(state, ProtoState)
+        alpha, sparsity = getattr(state.model, "_smat_task", (None, math.nan))
+        return SMATState(state.way, state.prototypes, state.model, sparsity, alpha)
+
+    def describe(self) -> dict[str, int | float | str]:
+        density = self.experts.density()
+        return {**super().describe(), "n_experts": self.cfg.n_experts, "mask_kind": self.mask_kind,
+                "sparsity_target": self.cfg.sparsity if self.mask_kind != "dense" else 0.0,
+                "expert_sparsity": 1.0 - float(density.mean()), "targeted_parameters": self.experts.total,
+                "tasks_seen": int(self.tasks_seen)}
+
+    # -- probes (metabench.probes protocols) ---------------------------------------------------------
+
+    def mask_stats(self) -> list[dict]:
+        """Non-zero counts per expert and layer (``metabench.probes.MaskInspector``)."""
+        return self.experts.mask_stats()
+
+    def mask_overlap(self) -> list[dict]:
+        """Pairwise intersection, union and Jaccard index of the experts' non-zero sets."""
+        inter, union = self.experts.overlap()
+        m = self.cfg.n_experts
+        return [{"expert_a": a, "expert_b": b, "intersection": int(inter[a, b]), "union": int(union[a, b]),
+                 "jaccard": float(inter[a, b] / union[a, b]) if union[a, b] > 0 else math.nan}
+                for a in range(m) for b in range(m)]
+
+    def task_meta_gradients(self, episodes: Sequence[Episode]) -> dict[str, list[Tensor]]:
+        """Per-task flattened meta-gradients of the query CE (``metabench.probes.MetaGradientSource``).
+
+        With g = dCE/dtheta_i (first-order, evaluation-mode router and gates): "delta" is the gradient
+        with respect to delta, (sum_m alpha_m z_m) * g, and "expert_<m>" is expert m's share of it,
+        alpha_m z_m * g (dense experts: z_m = 1). Costs (1 + M) x |theta| floats per task.
+        """
+        out: dict[str, list[Tensor]] = {"delta": [], **{f"expert_{m}": [] for m in range(self.cfg.n_experts)}}
+        gates = self.experts.gates()
+        training, _ = self.training, self.eval()  # no spectral-norm power iteration: probing changes nothing
+        try:
+            for ep in episodes:
+                self._task_meta_gradient(ep, gates, out)
+        finally:
+            self.train(training)
+        return out
+
+    def _task_meta_gradient(self, ep: Episode, gates: Mapping[str, Tensor] | None, out: dict[str, list[Tensor]]) -> None:
+        alpha = self.expert_scores(ep.support)
+        theta, _ = self._merged(alpha)
+        leaves = {n: t.requires_grad_() for n, t in theta.items()}
+        with torch.enable_grad():
+            adapted, prototypes = self._inner_adapt(leaves, ep.support_x, ep.support_y, ep.way)
+            ce = F.cross_entropy(self.logits(self._features(adapted, ep.query_x), prototypes), ep.query_y)
+            grads = dict(zip(leaves, torch.autograd.grad(ce, list(leaves.values()))))
+        per_target = []
+        for t in self.experts.targets:
+            g = grads[t.param] if t.rows is None else grads[t.param][t.rows[0]:t.rows[1]]
+            z = gates[t.key] if gates is not None else torch.ones((self.cfg.n_experts,) + (1,) * g.ndim, device=g.device)
+            per_target.append((alpha.view(-1, *(1,) * g.ndim) * z * g).flatten(1))  # [M, numel]
+        experts = torch.cat(per_target, dim=1)
+        out["delta"].append(experts.sum(0))
+        for m in range(self.cfg.n_experts):
+            out[f"expert_{m}"].append(experts[m])
+
+
+@LEARNERS.register("softmerge")
+class SoftMerge(SMAT):
+    """SMAT's SoftMerge ablation: M dense experts (one full delta each, no masks, no sparsity) merged by
+    the same router and trained with the same objective."""
+
+    mask_kind = "dense"
+
+
+@LEARNERS.register("smat_random")
+class SMATRandom(SMAT):
+    """Hand-designed sparsity: each expert a fixed random mask keeping 1 - tau of every tensor; only delta
+    and the router meta-train."""
+
+    mask_kind = "random"
+
+
+@LEARNERS.register("smat_magnitude")
+class SMATMagnitude(SMAT):
+    """Hand-designed sparsity: each expert a fixed mask keeping 1 - tau of every tensor, drawn without
+    replacement with probability proportional to |theta_pre| (so experts differ); only delta and the router
+    meta-train."""
+
+    mask_kind = "magnitude"
