@@ -41,6 +41,9 @@ class LearnerConfig:
     """Base of every learner's options; a learner subclasses it as ``Learner.Config``."""
 
     name: str = "pre"
+    # Keep BatchNorm running statistics (and their eval-mode use) from pretraining during meta-training,
+    # so a few training domains do not shift them away from what test domains need (ViTs have none).
+    freeze_batchnorm: bool = True
 
 
 @dataclass

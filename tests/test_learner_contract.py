@@ -118,3 +118,15 @@ def test_prototypes_and_cosine_head() -> None:
     assert torch.equal(protos, torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
     logits = cosine_logits(torch.tensor([[1.0, 1.0]]), protos, scale=10.0)
     assert torch.allclose(logits, torch.full((1, 2), 10 / math.sqrt(2)))
+
+
+def test_batchnorm_statistics_stay_pretrained_in_meta_training() -> None:
+    learner = create_learner("pmf", create_backbone("efficientnet_lite0"))
+    learner.train()
+    bns = [m for m in learner.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and not any(m.training for m in bns)
+    before = bns[0].running_mean.clone()
+    learner.meta_train_step([_episode(5, size=32)])
+    assert torch.equal(bns[0].running_mean, before)
+    learner.cfg.freeze_batchnorm = False
+    assert all(m.training for m in learner.train().modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))

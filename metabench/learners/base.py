@@ -71,6 +71,15 @@ class Learner(nn.Module, ABC):
         """True when the subclass implements ``meta_train_step``."""
         return type(self).meta_train_step is not Learner.meta_train_step
 
+    def train(self, mode: bool = True) -> Learner:
+        """Train mode, except BatchNorm layers when ``cfg.freeze_batchnorm`` (their statistics stay pretrained)."""
+        super().train(mode)
+        if mode and getattr(self.cfg, "freeze_batchnorm", False):
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
     def setup_training(self, total_updates: int) -> None:
         """Called once before meta-training with the number of outer updates (for schedules)."""
 
