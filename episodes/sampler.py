@@ -33,13 +33,16 @@ __all__ = [
     "sample_support_set_size",
 ]
 
-MODES = ("variable", "fixed")
+MODES = ("variable", "fixed", "any")
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """Episode shape. ``variable`` is Meta-Dataset's variable-way variable-shot protocol;
-    ``fixed`` gives ``way``-way ``shot``-shot episodes with ``query`` queries per class.
+    ``fixed`` gives ``way``-way ``shot``-shot episodes with ``query`` queries per class; ``any`` is
+    Meta-Album's any-way any-shot protocol: ways U{min_ways..max_ways_upper_bound} (capped by the
+    classes available), one shot count U{min_shot..max_shot} for all classes of the episode (capped
+    by the smallest class), ``query`` queries per class.
 
     The hierarchy switches apply only to specs that have one (a WordNet subgraph for the split,
     or superclasses); ``ignore_hierarchy_probability`` samples that share of their episodes flat.
@@ -59,17 +62,22 @@ class SamplerConfig:
     use_bilevel_hierarchy: bool = True
     use_dag_hierarchy: bool = True
     ignore_hierarchy_probability: float = 0.0  # share of episodes drawn uniformly despite a hierarchy
+    min_shot: int = 1  # "any" mode
+    max_shot: int = 20  # "any" mode
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f'Sampler mode "{self.mode}" is unknown; use "variable" or "fixed".')
-        for key in ("way", "shot", "query", "min_ways", "max_num_query", "max_support_size_contrib_per_class"):
+            raise ValueError(f'Sampler mode "{self.mode}" is unknown; use "variable", "fixed" or "any".')
+        for key in ("way", "shot", "query", "min_ways", "max_num_query", "max_support_size_contrib_per_class",
+                    "min_shot"):
             if getattr(self, key) < 1:
                 raise ValueError(f"Sampler setting {key}={getattr(self, key)} must be at least 1.")
         if self.max_ways_upper_bound < self.min_ways:
             raise ValueError(
                 f"Sampler setting max_ways_upper_bound={self.max_ways_upper_bound} is below min_ways={self.min_ways}."
             )
+        if self.max_shot < self.min_shot:
+            raise ValueError(f"Sampler setting max_shot={self.max_shot} is below min_shot={self.min_shot}.")
         if self.min_log_weight > self.max_log_weight:
             raise ValueError("Sampler setting min_log_weight must not exceed max_log_weight.")
         if not 0.0 <= self.ignore_hierarchy_probability <= 1.0:
@@ -243,11 +251,12 @@ def check_split(spec: DatasetSpec, split: Split | str, cfg: SamplerConfig | None
             f"{where} has no superclass with {cfg.needed_ways} classes or more; "
             "set use_bilevel_hierarchy=False or lower the ways."
         )
-    need = cfg.shot + cfg.query if cfg.mode == "fixed" else 2
+    need = {"fixed": cfg.shot + cfg.query, "any": cfg.min_shot + cfg.query}.get(cfg.mode, 2)
     for class_id in ids:
         have = spec.images_per_class[class_id]
         if have < need:
-            request = f"{cfg.shot}-shot {cfg.query}-query episodes" if cfg.mode == "fixed" else "any episode"
+            request = {"fixed": f"{cfg.shot}-shot {cfg.query}-query episodes",
+                       "any": f"{cfg.min_shot}-shot {cfg.query}-query episodes"}.get(cfg.mode, "any episode")
             raise ValueError(
                 f'{where} class {class_id} ("{spec.class_name(class_id)}") has {have} images, fewer than the '
                 f"{need} that {request} need; lower shot/query or drop this class from the spec."
@@ -269,6 +278,10 @@ def sample_episode_description(
     class_ids = sample_class_ids(spec, split, rng, cfg)
     if cfg.mode == "fixed":
         return EpisodeDescription(class_ids, (cfg.shot,) * len(class_ids), cfg.query)
+    if cfg.mode == "any":
+        fewest = min(spec.images_per_class[c] for c in class_ids)
+        shot = min(int(rng.integers(cfg.min_shot, cfg.max_shot + 1)), fewest - cfg.query)
+        return EpisodeDescription(class_ids, (shot,) * len(class_ids), cfg.query)
     counts = [spec.images_per_class[c] for c in class_ids]
     n_query = compute_num_query(counts, cfg.max_num_query)
     remaining = [n - n_query for n in counts]

@@ -169,6 +169,21 @@ def test_fixed_mode():
     assert d == EpisodeDescription(d.class_ids, (1,) * 5, 15) and len(set(d.class_ids)) == 5
 
 
+def test_any_way_any_shot_mode():
+    cfg = SamplerConfig(mode="any", min_ways=2, max_ways_upper_bound=20, min_shot=1, max_shot=20, query=5)
+    rng = np.random.default_rng(0)
+    draws = [sample_episode_description(MD_LIKE, "train", rng, cfg) for _ in range(400)]
+    ways = {d.way for d in draws}
+    shots = {d.shots[0] for d in draws}
+    assert min(ways) == 2 and max(ways) == 20
+    assert all(len(set(d.shots)) == 1 and d.n_query == 5 for d in draws)
+    # shots are capped so that every class keeps its 5 queries (the smallest classes hold 10 images)
+    assert all(d.shots[0] <= min(MD_LIKE.images_per_class[c] for c in d.class_ids) - 5 for d in draws)
+    assert min(shots) == 1 and 5 < max(shots) <= 20
+    with pytest.raises(ValueError, match="max_shot=1 is below min_shot=2"):
+        SamplerConfig(mode="any", min_shot=2, max_shot=1)
+
+
 def test_clear_errors_for_small_classes_and_splits():
     cfg = SamplerConfig(mode="fixed", way=5, shot=5, query=15)
     with pytest.raises(ValueError, match=r'Source "fake" split train class 0 .* has 10 images, fewer than the 20'):
