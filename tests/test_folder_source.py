@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import pickle
 import re
@@ -204,6 +205,96 @@ def test_wrapper_folders_are_descended(tmp_path):
     (root / "food-101" / "other" / "sub").mkdir()  # two candidate folders: ambiguous, so no guess
     with pytest.raises(FolderSourceError, match="has no class sub-folders with images"):
         ImageFolderSource(root, layout="folders", image_size=64)
+
+
+# -- exclusion lists ------------------------------------------------------------------------------
+DUPLICATES = """# as Meta-Dataset's ImageNet_CUBirds_duplicates.txt: path, then the duplicated file in a comment
+apple/img_01.png   # other_source/x_0001.jpg
+img_03.png         # a bare file name matches in every class
+./banana/img_00.png
+"""
+
+
+def test_exclude_leaves_files_out_of_spec_and_index(folder, tmp_path):
+    root, _ = folder
+    (tmp_path / "dups.txt").write_text(DUPLICATES)
+    src = ImageFolderSource(root, exclude=tmp_path / "dups.txt")
+    assert src.excluded == 4 and src.spec.images_per_class == {0: 4, 1: 3, 2: 7}
+    left = {(c, src.path_of(c, i).name) for c in range(3) for i in range(src.spec.images_per_class[c])}
+    assert not left & {(0, "img_01.png"), (0, "img_03.png"), (1, "img_00.png"), (1, "img_03.png")}
+    assert len(left) == 14
+    inline = ImageFolderSource(root, exclude=["apple/img_01.png", "img_03.png  # comment", "banana/img_00.png"])
+    assert inline.spec == src.spec and inline.excluded == 4
+    assert ImageFolderSource(root).spec.images_per_class == {0: 6, 1: 5, 2: 7}  # without a list: everything
+    (root / "dups.txt").write_text("apple/img_00.png\n")  # a relative list path is also looked up under root
+    assert ImageFolderSource(root, exclude="dups.txt").spec.images_per_class == {0: 5, 1: 5, 2: 7}
+
+
+def test_exclude_paths_relative_to_root_or_class_parent(tmp_path):
+    root = tmp_path / "food101"  # the class folders are two levels down: food-101/images/<class>/
+    write_class_folders(root / "food-101" / "images", {"apple": 3, "banana": 3})
+    src = ImageFolderSource(root, exclude=["food-101/images/apple/img_00.png", "banana/img_02.png"])
+    assert src.excluded == 2 and src.spec.images_per_class == {0: 2, 1: 2}
+
+
+def test_exclude_meta_album_tolerates_deleted_duplicates(tmp_path):
+    root = tmp_path / "ma"
+    write_meta_album(root, META_ROWS)
+    (root / "images" / "apple_2.png").unlink()  # a duplicate already removed from disk, still in labels.csv
+    src = ImageFolderSource(root, exclude=["apple_2.png", "images/fig_0.png"])
+    assert src.excluded == 2 and src.spec.images_per_class[0] == COUNTS["apple"] - 1
+    assert src.spec.images_per_class[5] == COUNTS["fig"] - 1
+    with pytest.raises(FolderSourceError, match='excludes every image of category "date"'):
+        ImageFolderSource(root, exclude=[f"date_{i}.png" for i in range(COUNTS["date"])] + ["apple_2.png"])
+
+
+def test_exclude_changes_invalidate_the_index_cache(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    dups = tmp_path / "dups.txt"
+    assert ImageFolderSource(root).spec.images_per_class == {0: 6, 1: 5, 2: 7}
+    dups.write_text("img_00.png\n")
+    assert ImageFolderSource(root, exclude=dups).spec.images_per_class == {0: 5, 1: 4, 2: 7}
+    dups.write_text("img_00.png\nimg_01.png\n")  # a new entry: a different list, so a rescan
+    assert ImageFolderSource(root, exclude=dups).spec.images_per_class == {0: 4, 1: 3, 2: 7}
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("the folder was listed again")
+
+    dups.write_text("# same entries, new comment\nimg_01.png  # b\nimg_00.png\n")
+    with monkeypatch.context() as m:  # only the entries count, and each list keeps its own cached index
+        m.setattr(os, "scandir", no_listing)
+        assert ImageFolderSource(root, exclude=dups).spec.images_per_class == {0: 4, 1: 3, 2: 7}
+        assert ImageFolderSource(root, exclude=["img_00.png"]).spec.images_per_class == {0: 5, 1: 4, 2: 7}
+        assert ImageFolderSource(root).spec.images_per_class == {0: 6, 1: 5, 2: 7}
+
+
+def test_exclude_unmatched_entries_warn_once(folder, caplog):
+    root, _ = folder
+    entries = ["img_02.png", "ghost.png", "kiwi/img_00.png  # no such class"]  # cherry's are .jpg
+    with caplog.at_level(logging.INFO, logger="episodes.readers"):
+        src = ImageFolderSource(root, exclude=entries)
+        ImageFolderSource(root, exclude=entries)  # from the cache: nothing logged again
+    assert src.excluded == 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    counts = [r for r in caplog.records if "excluded 2 file(s)" in r.getMessage()]
+    assert len(warnings) == 1 and len(counts) == 1
+    assert "2 of 3 exclusion entries" in warnings[0].getMessage()
+    assert "ghost.png" in warnings[0].getMessage() and "kiwi/img_00.png" in warnings[0].getMessage()
+
+
+def test_exclude_errors(folder, tmp_path):
+    root, _ = folder
+    with pytest.raises(FolderSourceError, match=r"Exclusion list .*missing.txt cannot be read"):
+        ImageFolderSource(root, exclude=tmp_path / "missing.txt")
+    with pytest.raises(FolderSourceError, match=r"excludes every image of class folder .*banana"):
+        ImageFolderSource(root, exclude=[f"banana/img_{i:02d}.png" for i in range(5)])
+
+
+def test_index_names_stay_importable_from_folder():
+    from episodes.readers import folder, folder_index
+
+    for name in ("FolderSourceError", "IMAGE_EXTENSIONS", "INDEX_VERSION", "index_path", "write_index"):
+        assert getattr(folder, name) is getattr(folder_index, name)
 
 
 # -- errors --------------------------------------------------------------------------------------

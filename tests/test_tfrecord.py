@@ -13,6 +13,7 @@ from episodes.episode import Split
 from episodes.loader import EpisodeSet
 from episodes.readers import SOURCES
 from episodes.readers import tfrecord as tfr
+from episodes.readers import tfrecord_format
 from episodes.readers.tfrecord import MetaDatasetTFRecords, TFRecordError
 from episodes.spec import SpecError
 from helpers_md import encode, example_bytes, frame, write_md_source, write_omniglot_like, write_tfrecord
@@ -66,7 +67,7 @@ def test_arbitrary_sizes_and_jpeg_are_resized_to_a_square(data_root):
 def test_index_is_cached_and_invalidated_per_file(toy, monkeypatch):
     first = _open(toy)
     assert first.scanned == list(range(12))
-    monkeypatch.setattr(tfr, "scan_records", lambda *a: pytest.fail("rescanned an unchanged file"))
+    monkeypatch.setattr(tfrecord_format, "scan_records", lambda *a: pytest.fail("rescanned an unchanged file"))
     assert _open(toy).scanned == []
     monkeypatch.undo()
     st = toy.class_file(5).stat()
@@ -184,3 +185,8 @@ def test_bytes_framing_matches_the_public_spec(tmp_path):
     (tmp_path / "x.tfrecords").write_bytes(record * 3)
     assert tfr.scan_records(tmp_path / "x.tfrecords").tolist() == [0, 21, 42]
     shutil.rmtree(tmp_path)
+
+
+def test_format_names_stay_importable_from_tfrecord():
+    for name in ("TFRecordError", "decode_image", "masked_crc32c", "scan_records"):
+        assert getattr(tfr, name) is getattr(tfrecord_format, name)

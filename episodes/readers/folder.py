@@ -11,20 +11,19 @@ Two layouts are read, and told apart automatically:
 
 Every class goes to the TEST split unless ``splits`` says otherwise, since these are
 evaluation-only sets. The file list is cached as JSON under ``cache_dir()/index`` and checked
-against the folders' modification times, so a large folder is listed once, not every run.
+against the folders' modification times, so a large folder is listed once, not every run
+(listing and the cache live in ``folder_index``). ``exclude`` leaves listed files out, e.g.
+ImageNet-train images that duplicate another source's test images, as Meta-Dataset's conversion does.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import io
 import json
 import logging
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,24 +31,28 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from episodes.episode import Split
-from episodes.readers.base import Source, cache_dir
+from episodes.readers.base import Source
+from episodes.readers.folder_index import (  # re-exported: this module was their home
+    IMAGE_EXTENSIONS,
+    INDEX_VERSION,
+    ClassFiles,
+    FolderSourceError,
+    detect_layout,
+    index_path,
+    load_or_scan,
+    read_exclusion,
+    write_index,
+)
 from episodes.spec import DatasetSpec, parse_split
 
-__all__ = ["IMAGE_EXTENSIONS", "NAMED_FOLDERS", "FolderSourceError", "ImageFolderSource", "decode_image",
-           "index_path", "open_named_folder", "within_class_order", "write_index"]
+__all__ = ["IMAGE_EXTENSIONS", "INDEX_VERSION", "NAMED_FOLDERS", "RESIZE_MODES", "FolderSourceError",
+           "ImageFolderSource", "decode_image", "index_path", "open_named_folder", "within_class_order", "write_index"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 ORDER_SEED = 1729  # fixes the within-class shuffle; changing it changes every folder episode
-INDEX_VERSION = 1
 RESIZE_MODES = ("squash", "crop")
-_LAYOUTS = ("auto", "folders", "meta_album")
 _SPLIT_ORDER = (Split.TRAIN, Split.VALID, Split.TEST)
-
-
-class FolderSourceError(ValueError):
-    """Bad or missing data in a folder source; the message names the path and what to do."""
 
 
 # -- decoding ----------------------------------------------------------------------------------
@@ -100,152 +103,6 @@ def within_class_order(class_key: str, n: int) -> np.ndarray:
     return np.random.default_rng([ORDER_SEED, zlib.crc32(class_key.encode("utf-8"))]).permutation(n)
 
 
-# -- index cache (shared with the tfds reader) ---------------------------------------------------
-def index_path(kind: str, key: str) -> Path:
-    """Where the index of one folder or dataset is cached (one file per location, refreshed in place)."""
-    digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
-    return cache_dir() / "index" / f"{kind}-{digest}.json"
-
-
-def write_index(path: Path, stamp: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
-    """Write an index atomically (temp file, then rename); a failure only costs a rescan next time."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"stamp": stamp, **payload}), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("Could not cache the index at %s (%s); the data will be listed again next time.", path, e)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# -- scanning ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Class:
-    name: str
-    files: tuple[str, ...]  # sorted, relative to the image base folder
-    superclass: str | None = None
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _subdirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _has_images(path: Path) -> bool:
-    return any(e.is_file() and _is_image(e.name) for e in os.scandir(path))
-
-
-def _find_class_root(root: Path, max_depth: int = 3) -> Path:
-    """``root``, or the folder below it that holds the class folders, reached through single
-    candidates (``food-101/images/`` beside ``food-101/meta/``, ``EuroSAT/2750/``)."""
-    current = root
-    for _ in range(max_depth + 1):
-        subdirs = _subdirs(current)
-        if any(_has_images(d) for d in subdirs):
-            if current != root:
-                log.info("Folder %s: reading the class folders in %s", root, current)
-            return current
-        deeper = [d for d in subdirs if _subdirs(d)]
-        if len(deeper) != 1:
-            break
-        current = deeper[0]
-    raise FolderSourceError(
-        f"Folder {root} has no class sub-folders with images; put the images in {root}/<class name>/ "
-        "or add a Meta-Album labels.csv with an images/ folder."
-    )
-
-
-def _scan_folders(root: Path) -> tuple[Path, list[_Class]]:
-    base = _find_class_root(root)
-    classes = []
-    for d in _subdirs(base):
-        files = sorted(f"{d.name}/{e.name}" for e in os.scandir(d) if e.is_file() and _is_image(e.name))
-        if not files:
-            raise FolderSourceError(
-                f"Class folder {d} has no images (.jpg, .png, ...); add images or remove the folder."
-            )
-        classes.append(_Class(d.name, tuple(files)))
-    return base, classes
-
-
-def _scan_meta_album(root: Path) -> tuple[Path, list[_Class]]:
-    labels, base = root / "labels.csv", root / "images"
-    file_col, cat_col, super_col = "FILE_NAME", "CATEGORY", "SUPER_CATEGORY"
-    if not labels.is_file():
-        raise FolderSourceError(f"{labels} does not exist; the meta_album layout needs it (or use layout=folders).")
-    with open(labels, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in (file_col, cat_col) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise FolderSourceError(f"{labels} has no {missing[0]} column; it needs {file_col} and {cat_col} "
-                                    f"(and optionally {super_col}).")
-        rows = [(r[file_col], r[cat_col], r.get(super_col) or None) for r in reader]
-    if not base.is_dir():
-        raise FolderSourceError(f"{labels} needs the images in {base}, which does not exist; unpack them there.")
-    present = {e.name for e in os.scandir(base)}
-    absent = [name for name, _, _ in rows if name.split("/")[0] not in present]
-    if absent:
-        raise FolderSourceError(f"{labels} names {len(absent)} file(s) missing from {base} (first: {absent[0]}); "
-                                "restore them or delete their rows.")
-    files: dict[str, list[str]] = {}
-    supers: dict[str, str | None] = {}
-    for name, category, superclass in rows:
-        files.setdefault(category, []).append(name)
-        if supers.setdefault(category, superclass) != superclass:
-            raise FolderSourceError(f'{labels}: category "{category}" has two super-categories; give it one.')
-    classes = [_Class(c, tuple(sorted(files[c])), supers[c]) for c in sorted(files)]
-    return base, classes
-
-
-def _detect_layout(root: Path, layout: str) -> str:
-    if layout not in _LAYOUTS:
-        raise ValueError(f'Folder layout "{layout}" is unknown; use one of {", ".join(_LAYOUTS)}.')
-    if layout != "auto":
-        return layout
-    return "meta_album" if (root / "labels.csv").is_file() else "folders"
-
-
-def _stamp(root: Path, layout: str, watched: Sequence[str]) -> dict[str, Any]:
-    """What the cached index depends on: the folders' (and labels.csv's) modification times."""
-    times = {rel: os.stat(root / rel).st_mtime_ns for rel in watched}
-    return {"version": INDEX_VERSION, "root": str(root), "layout": layout, "mtimes": times,
-            "extensions": sorted(IMAGE_EXTENSIONS)}
-
-
-def _watched(root: Path, base: Path, layout: str, classes: Sequence[_Class]) -> list[str]:
-    if layout == "meta_album":
-        return [".", "labels.csv", "images"]
-    prefix = os.path.relpath(base, root)
-    parts = [] if prefix == "." else Path(prefix).parts
-    between = [os.path.join(*parts[: k + 1]) for k in range(len(parts))]  # every folder down to the classes
-    return [".", *between, *(os.path.normpath(os.path.join(prefix, c.name)) for c in classes)]
-
-
-def _load_or_scan(root: Path, layout: str) -> tuple[Path, list[_Class]]:
-    """The class list of ``root``, from the cached index when nothing has changed since it was written."""
-    path = index_path("folder", f"{root}|{layout}")
-    try:  # only stat() calls here: a valid index costs no directory listing
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        fresh = cached["stamp"] == _stamp(root, layout, list(cached["stamp"]["mtimes"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        fresh = False
-    if fresh:
-        classes = [_Class(c["name"], tuple(c["files"]), c.get("superclass")) for c in cached["classes"]]
-        log.debug("Folder %s: %d classes from the cached index %s", root, len(classes), path)
-        return root / cached["base"], classes
-    base, classes = _scan_meta_album(root) if layout == "meta_album" else _scan_folders(root)
-    payload = {"base": os.path.relpath(base, root),
-               "classes": [{"name": c.name, "files": list(c.files), "superclass": c.superclass} for c in classes]}
-    write_index(path, _stamp(root, layout, _watched(root, base, layout, classes)), payload)
-    log.info("Folder %s: indexed %d classes, %d images", root, len(classes), sum(len(c.files) for c in classes))
-    return base, classes
-
-
 # -- splits and spec ---------------------------------------------------------------------------
 def _read_splits(splits: Mapping[str, Sequence[str]] | str | os.PathLike[str] | None) -> dict[str, Split] | None:
     """Class name -> split, from ``{"train": [...], "valid": [...], "test": [...]}`` or a JSON file of that form."""
@@ -272,7 +129,7 @@ def _read_splits(splits: Mapping[str, Sequence[str]] | str | os.PathLike[str] | 
     return out
 
 
-def _check_assignment(classes: Sequence[_Class], split_of: Mapping[str, Split], where: str) -> None:
+def _check_assignment(classes: Sequence[ClassFiles], split_of: Mapping[str, Split], where: str) -> None:
     unknown = sorted(set(split_of) - {c.name for c in classes})
     if unknown:
         raise FolderSourceError(f'{where}: splits names class "{unknown[0]}", which is not in the data; '
@@ -284,8 +141,8 @@ def _check_assignment(classes: Sequence[_Class], split_of: Mapping[str, Split], 
 
 
 def _build_spec(
-    name: str, classes: Sequence[_Class], split_of: Mapping[str, Split], superclasses: bool, where: str
-) -> tuple[list[_Class], DatasetSpec]:
+    name: str, classes: Sequence[ClassFiles], split_of: Mapping[str, Split], superclasses: bool, where: str
+) -> tuple[list[ClassFiles], DatasetSpec]:
     """Order classes Meta-Dataset style (by split, then superclass, then name) and describe them."""
     if superclasses:
         home: dict[str, Split] = {}
@@ -336,6 +193,15 @@ class ImageFolderSource(Source):
         superclasses: use Meta-Album's SUPER_CATEGORY as superclasses (the sampler then draws all
             ways of an episode from one super-category, as with Omniglot alphabets).
         resize: ``"squash"`` (Meta-Dataset's direct resize) or ``"crop"`` (shorter side, centre crop).
+        exclude: files to leave out, e.g. images duplicating another source's test images (Meta-Dataset's
+            ``ImageNet_CUBirds_duplicates.txt`` works as is): a text file (looked up as given, then under
+            ``root``) with one entry per line and ``#`` starting a comment, or a list of entries. An entry
+            with a ``/`` is a path relative to the class folders' parent (``images/`` for Meta-Album) or to
+            ``root``; one without is a file name, matched in every class. Excluded files never enter the
+            spec or the index; entries that match nothing are reported in one warning.
+
+    Attributes:
+        excluded: how many files ``exclude`` left out.
     """
 
     def __init__(
@@ -350,6 +216,7 @@ class ImageFolderSource(Source):
         splits: Mapping[str, Sequence[str]] | str | os.PathLike[str] | None = None,
         superclasses: bool = False,
         resize: str = "squash",
+        exclude: str | os.PathLike[str] | Sequence[str] | None = None,
     ) -> None:
         self.name = name or "folder"
         if root is None:
@@ -364,8 +231,8 @@ class ImageFolderSource(Source):
             raise FileNotFoundError(f"Image folder {self.root} does not exist; "
                                     "download the data there or fix the path.")
         self.domain, self.image_size, self.resize = domain, image_size, resize
-        self.layout = _detect_layout(self.root, layout)
-        self._base, classes = _load_or_scan(self.root, self.layout)
+        self.layout = detect_layout(self.root, layout)
+        self._base, classes, self.excluded = load_or_scan(self.root, self.layout, read_exclusion(exclude, self.root))
         if not classes:
             raise FolderSourceError(f"Folder {self.root} lists no images; add images or labels.csv rows.")
         split_of = _read_splits(splits)

@@ -37,7 +37,8 @@ from PIL import Image
 
 from episodes.episode import Split
 from episodes.readers.base import Source
-from episodes.readers.folder import RESIZE_MODES, decode_image, index_path, within_class_order, write_index
+from episodes.readers.folder import RESIZE_MODES, decode_image, within_class_order
+from episodes.readers.folder_index import index_path, write_index
 from episodes.spec import DatasetSpec, parse_split
 
 __all__ = ["TfdsSource", "TfdsSourceError", "cifar10", "cifar100", "import_tfds", "tfds", "tfds_mnist"]

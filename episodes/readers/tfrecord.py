@@ -5,28 +5,38 @@ serialized ``tf.train.Example`` holding an encoded ``image`` and an int64 ``labe
 are found through a per-class offset index built once by scanning only the framing (never
 decoding an image) and cached beside the data, so a read is: open, seek, read, verify CRCs,
 parse, decode, close. No file handle outlives a ``read`` call, so thousands of classes never
-exhaust ``ulimit -n`` and memory does not grow with the number of classes.
+exhaust ``ulimit -n`` and memory does not grow with the number of classes. The byte-level
+work (framing, CRCs, the offset index, decoding) lives in ``tfrecord_format``.
+
+Meta-Dataset's conversion already left out the ImageNet-train images that duplicate test
+images of other sources (its ``ImageNet_{CUBirds,Caltech101,Caltech256}_duplicates.txt``), so
+these records need no exclusion list; image folders take one (``ImageFolderSource(exclude=...)``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
-import struct
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import crc32c
 import numpy as np
-from PIL import Image
 
 from episodes.episode import Split
-from episodes.readers.base import Source, cache_dir
+from episodes.readers.base import Source
+from episodes.readers.tfrecord_format import (  # re-exported: this module was their home
+    IndexCache,
+    TFRecordError,
+    decode_image,
+    group_spans,
+    image_bytes,
+    masked_crc32c,
+    scan_records,
+    unframe,
+)
 from episodes.spec import DatasetSpec, SpecError, parse_split
 
 __all__ = [
@@ -35,9 +45,11 @@ __all__ = [
     "MetaDatasetTFRecords",
     "TFRecordError",
     "decode_image",
+    "masked_crc32c",
     "md_tfrecords",
     "open_md_source",
     "read_md_spec",
+    "scan_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,153 +64,6 @@ MD_SOURCES: dict[str, str] = {
 # while upsampling from 84 would lose detail that ViT backbones use.
 DEFAULT_IMAGE_SIZE = 128
 SHUFFLE_SEED = 20_240_611  # fixes the within-class order (MD issue #54: Traffic Signs was unshuffled)
-_HEADER = 12  # uint64 length + uint32 masked crc of the length
-_FOOTER = 4  # uint32 masked crc of the data
-_MAX_SPAN = 8 << 20  # bytes read at once: bounds memory whatever the episode
-_MAX_GAP = 256 << 10  # records closer than this are read in one request
-_INDEX_NAME = ".metabench-tfrecord-index.npz"
-_INDEX_VERSION = 1
-
-
-class TFRecordError(ValueError):
-    """A TFRecord file that is truncated, corrupt or undecodable; the message names file and position."""
-
-
-# -- framing and the offset index -----------------------------------------------------------------
-def masked_crc32c(data: bytes | memoryview) -> int:
-    """TFRecord's masked CRC32C: rotate right by 15 bits and add a constant (mod 2**32)."""
-    crc = crc32c.crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def scan_records(path: Path, verify_crc: bool = True) -> np.ndarray:
-    """Byte offsets of the records of one TFRecord file, reading only the 12-byte headers.
-
-    Checks that every record lies inside the file (and the length CRC), so truncation is found
-    when indexing, not in the middle of an epoch.
-    """
-    size = path.stat().st_size
-    offsets: list[int] = []
-    pos = 0
-    with open(path, "rb") as f:
-        while pos < size:
-            header = f.read(_HEADER)
-            if len(header) < _HEADER:
-                raise TFRecordError(f"{path} is truncated at byte {pos} (a record header is cut off); "
-                                    "re-copy or re-convert the file.")
-            length, crc = struct.unpack("<QI", header)
-            if verify_crc and crc != masked_crc32c(header[:8]):
-                raise TFRecordError(f"{path}: CRC mismatch in the length of the record at byte {pos}; "
-                                    "the file is corrupt, re-copy or re-convert it.")
-            end = pos + _HEADER + length + _FOOTER
-            if end > size:
-                raise TFRecordError(f"{path} is truncated at byte {pos} (the record there needs {end - pos} bytes, "
-                                    f"{size - pos} remain); re-copy or re-convert the file.")
-            offsets.append(pos)
-            pos = end
-            f.seek(pos)
-    return np.asarray(offsets, dtype=np.int64)
-
-
-class _IndexCache:
-    """Record offsets of every class file of one source, kept in one ``.npz``.
-
-    Each class is re-scanned only when its file's size or mtime changed. The cache lives in the
-    source folder when that is writable, else under the metabench cache directory.
-    """
-
-    def __init__(self, folder: Path, pattern: str, index_dir: str | os.PathLike[str] | None) -> None:
-        self.folder, self.pattern = folder, pattern
-        key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
-        fallback = Path(index_dir) if index_dir is not None else cache_dir() / "tfrecord-index"
-        self.paths = [folder / _INDEX_NAME, fallback / f"{folder.name}-{key}.npz"]
-
-    def _load(self) -> dict[int, tuple[int, int, np.ndarray]]:
-        for path in self.paths:
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    if int(z["version"]) != _INDEX_VERSION or str(z["pattern"]) != self.pattern:
-                        continue
-                    starts, offsets = z["starts"], z["offsets"]
-                    return {c: (int(z["sizes"][c]), int(z["mtimes"][c]), offsets[starts[c] : starts[c + 1]])
-                            for c in range(len(starts) - 1)}
-            except (OSError, KeyError, ValueError, zlib.error) as e:
-                if not isinstance(e, FileNotFoundError):
-                    log.debug("ignoring unusable index %s: %s", path, e)
-        return {}
-
-    def load_or_build(self, num_classes: int, verify_crc: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
-        """(file sizes, starts [C+1], offsets, classes scanned now); raises if a class file is missing."""
-        cached = self._load()
-        sizes, mtimes, parts, scanned = [], [], [], []
-        for c in range(num_classes):
-            path = self.folder / self.pattern.format(c)
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{path} (class {c}) does not exist; the Meta-Dataset conversion is "
-                                        "incomplete, re-run it for this source.") from None
-            hit = cached.get(c)
-            if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-                parts.append(hit[2])
-            else:
-                parts.append(scan_records(path, verify_crc))
-                scanned.append(c)
-            sizes.append(st.st_size)
-            mtimes.append(st.st_mtime_ns)
-        starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
-        offsets = np.concatenate(parts or [np.zeros(0, np.int64)]).astype(np.int64)
-        sizes_a, mtimes_a = np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64)
-        if scanned or len(cached) != num_classes:
-            self._save(sizes=sizes_a, mtimes=mtimes_a, starts=starts, offsets=offsets)
-            log.info("indexed %d class files of %s", len(scanned), self.folder)
-        return sizes_a, starts, offsets, scanned
-
-    def _save(self, **arrays: np.ndarray) -> None:
-        for path in self.paths:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as f:
-                    np.savez(f, version=np.int64(_INDEX_VERSION), pattern=np.str_(self.pattern), **arrays)
-                os.replace(tmp, path)
-                return
-            except OSError as e:
-                log.debug("cannot write index %s (%s); trying the next location", path, e)
-                tmp.unlink(missing_ok=True)
-        log.warning("could not cache the record index of %s anywhere; it will be rebuilt next time", self.folder)
-
-
-def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
-    """Decode JPEG/PNG bytes to RGB uint8 ``[size, size, 3]`` (bilinear, like MD's square resize).
-
-    JPEG ``draft`` mode decodes at a reduced scale still at least ``size``, which makes large
-    photos several times cheaper to decode. ``where`` names the record in the error message.
-    """
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.draft(img.mode if img.mode in ("L", "RGB") else "RGB", (size, size))
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGB")
-        if img.size != (size, size):  # greyscale is resized before widening: a third of the work
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(img.convert("RGB") if img.mode == "L" else img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise TFRecordError(f"{where} holds an image that cannot be decoded ({e}); "
-                            "re-convert this class or remove the record.") from None
-
-
-def _image_bytes(payload: bytes, where: str) -> bytes:
-    from tfrecord import example_pb2  # the pinned tfrecord package: Example protobuf without TensorFlow
-
-    try:
-        example = example_pb2.Example.FromString(payload)
-        values = example.features.feature["image"].bytes_list.value
-    except Exception as e:  # protobuf's DecodeError has no stable import path
-        raise TFRecordError(f"{where} is not a tf.train.Example ({e}); re-convert this class.") from None
-    if len(values) != 1:
-        raise TFRecordError(f'{where} has no single "image" bytes feature; is this Meta-Dataset data?')
-    return values[0]
 
 
 class MetaDatasetTFRecords(Source):
@@ -239,7 +104,7 @@ class MetaDatasetTFRecords(Source):
         self.image_size = int(image_size)
         self.verify_crc = verify_crc
         self.shuffle = shuffle
-        cache = _IndexCache(self.folder, spec.file_pattern, index_dir)
+        cache = IndexCache(self.folder, spec.file_pattern, index_dir)
         sizes, starts, offsets, self.scanned = cache.load_or_build(spec.num_classes, verify_crc)
         self._check_counts(starts)
         self._sizes = sizes
@@ -293,7 +158,7 @@ class MetaDatasetTFRecords(Source):
         path = self.class_file(class_id)
         for rows, recno, payload in self._payloads(class_id, idx):
             where = f"{path} record {recno}"
-            out[rows] = decode_image(_image_bytes(payload, where), self.image_size, where)
+            out[rows] = decode_image(image_bytes(payload, where), self.image_size, where)
         return out
 
     def read_encoded(self, class_id: int, indices: Sequence[int]) -> list[bytes]:
@@ -302,7 +167,7 @@ class MetaDatasetTFRecords(Source):
         out: list[bytes] = [b""] * len(idx)
         path = self.class_file(class_id)
         for rows, recno, payload in self._payloads(class_id, idx):
-            data = _image_bytes(payload, f"{path} record {recno}")
+            data = image_bytes(payload, f"{path} record {recno}")
             for r in rows:
                 out[r] = data
         return out
@@ -327,47 +192,17 @@ class MetaDatasetTFRecords(Source):
             if size != int(self._sizes[class_id]):
                 raise TFRecordError(f"{path} changed size since it was indexed ({int(self._sizes[class_id])} -> "
                                     f"{size} bytes); create the source again to re-index it.")
-            for span in _spans(self._offsets[pos[order]], self._ends[pos[order]]):
+            for span in group_spans(self._offsets[pos[order]], self._ends[pos[order]]):
                 first, last = order[span[0]], order[span[-1]]
                 start, stop = int(self._offsets[pos[first]]), int(self._ends[pos[last]])
                 buf = os.pread(fd, stop - start, start)
                 for k in span:
                     u = order[k]
                     off, end = int(self._offsets[pos[u]]), int(self._ends[pos[u]])
-                    payload = self._unframe(buf, off - start, end - start, path, off)
+                    payload = unframe(buf, off - start, end - start, path, off, self.verify_crc)
                     yield np.flatnonzero(inverse == u), int(self._recno[pos[u]]), payload
         finally:
             os.close(fd)
-
-    def _unframe(self, buf: bytes, a: int, b: int, path: Path, offset: int) -> bytes:
-        if b > len(buf):
-            raise TFRecordError(f"{path} is truncated at byte {offset}; re-copy or re-convert the file.")
-        (length,) = struct.unpack_from("<Q", buf, a)
-        if a + _HEADER + length + _FOOTER != b:
-            raise TFRecordError(f"{path}: the record at byte {offset} has a corrupt length field; "
-                                "re-copy or re-convert the file.")
-        view = memoryview(buf)
-        data = view[a + _HEADER : b - _FOOTER]
-        if self.verify_crc:
-            (len_crc,) = struct.unpack_from("<I", buf, a + 8)
-            (data_crc,) = struct.unpack_from("<I", buf, b - _FOOTER)
-            if len_crc != masked_crc32c(view[a : a + 8]) or data_crc != masked_crc32c(data):
-                raise TFRecordError(f"{path}: CRC mismatch in the record at byte {offset}; the file is corrupt, "
-                                    "re-copy or re-convert it.")
-        return bytes(data)
-
-
-def _spans(offsets: np.ndarray, ends: np.ndarray) -> list[list[int]]:
-    """Group positions (sorted by offset) into runs read with one request each."""
-    spans: list[list[int]] = []
-    for k in range(len(offsets)):
-        if spans:
-            first = spans[-1][0]
-            if offsets[k] - ends[spans[-1][-1]] <= _MAX_GAP and ends[k] - offsets[first] <= _MAX_SPAN:
-                spans[-1].append(k)
-                continue
-        spans.append([k])
-    return spans
 
 
 def read_md_spec(path: Path) -> DatasetSpec:
