@@ -70,6 +70,7 @@ class TrainConfig:
     episodes: int = 0  # meta-training tasks in total (0: evaluate only)
     tasks_per_update: int = 1
     log_every: int = 10
+    probe_every: int = 0  # meta-gradient alignment probe every this many updates (0: off)
 
 
 #: Evaluation protocols: "zero_shot" (prototypes only), "full" and "lora" (test-time fine-tuning, metabench.protocols).
@@ -147,7 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "traffic_sign", "mscoco", "mnist", "cifar10", "cifar100",
             ],
         },
-        "train": {"episodes": 50000, "tasks_per_update": 4},
+        "train": {"episodes": 50000, "tasks_per_update": 4, "probe_every": 250},
         "eval": {"episodes": 600, "steps": 50},
     },
 }
@@ -214,10 +215,13 @@ def load_config(
     preset = _auto_preset() if preset == "auto" else preset
     if preset not in PRESETS:
         raise ConfigError(f'Unknown preset "{preset}".{suggest(str(preset), list(PRESETS))} Known: {", ".join(PRESETS)}.')
-    layers.insert(0, (f'preset "{preset}"', OmegaConf.create(PRESETS[preset])))
     learner_name = OmegaConf.select(raw, "learner.name", default=LearnerConfig.name)
 
-    from metabench.learners import learner_config_class  # here: keeps config import light
+    from metabench.learners import LEARNERS, learner_config_class  # here: keeps config import light
+
+    # A learner may tune its own options per preset (e.g. SMAT's CPU budget); user layers still win.
+    learner_preset = getattr(LEARNERS.get(learner_name), "presets", {}).get(preset, {})
+    layers.insert(0, (f'preset "{preset}"', OmegaConf.create({**PRESETS[preset], "learner": dict(learner_preset)})))
 
     schema = OmegaConf.structured(RunConfig(learner=learner_config_class(learner_name)(name=learner_name)))
     merged = schema

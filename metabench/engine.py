@@ -76,6 +76,7 @@ def evaluate(
     selector: LrSelector | None = None,
     total: int | None = None,
     progress: bool = True,
+    on_episode: Callable[[Episode, object, str], None] | None = None,
 ) -> Iterator[EpisodeRow]:
     """Adapt to each episode's support set and score its query set, one row per (episode, protocol).
 
@@ -103,13 +104,16 @@ def evaluate(
             accuracy = (logits.argmax(-1) == episode.query_y).float().mean().item()
             loss = F.cross_entropy(logits, episode.query_y).item()
             running.append(accuracy)
+            domain = ctx.domains.get(episode.source, "id")
+            if on_episode is not None:  # probes (e.g. expert scores) read the adapted state
+                on_episode(episode, state, domain)
             yield EpisodeRow(
                 run_id=ctx.run_id,
                 learner=ctx.learner,
                 backbone=ctx.backbone,
                 source=episode.source,
                 split=episode.split.value,
-                domain=ctx.domains.get(episode.source, "id"),
+                domain=domain,
                 episode_id=episode.episode_id,
                 mode=protocol.mode,
                 steps=protocol.steps,
@@ -154,6 +158,7 @@ def meta_train(
     precision: str = "fp32",
     log_every: int = 10,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    on_update: Callable[[list[Episode], int, int], None] | None = None,
     progress: bool = True,
 ) -> None:
     """Feed batches of ``tasks_per_update`` training episodes to ``learner.meta_train_step``."""
@@ -171,6 +176,8 @@ def meta_train(
             metrics = learner.meta_train_step(batch)
         seen += len(batch)
         update += 1
+        if on_update is not None:  # probes (e.g. meta-gradient alignment) on this batch
+            on_update(batch, update, seen)
         bar.update(len(batch))
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
         if on_log is not None and (update % log_every == 0 or seen >= n_tasks):

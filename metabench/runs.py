@@ -27,6 +27,7 @@ from metabench.config import ConfigError, RunConfig, load_config, to_yaml
 from metabench.engine import EvalContext, evaluate, meta_train, resolve_precision, select_device, select_learning_rates
 from metabench.learners import create_learner
 from metabench.learners.base import Learner
+from metabench.probes import ProbeRecorder
 from metabench.lr_selection import LrSelector
 from metabench.protocols import Protocol, plan_protocols
 from metabench.results import RunWriter, load_run
@@ -106,7 +107,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _train(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer: RunWriter,
-           device: torch.device, precision: str, progress: bool) -> None:
+           device: torch.device, precision: str, progress: bool, recorder: ProbeRecorder) -> None:
     if cfg.train.episodes == 0:
         return
     if not learner.meta_trainable:
@@ -119,7 +120,7 @@ def _train(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer:
     loader = make_loader(episode_set, num_workers=cfg.data.num_workers)
     meta_train(learner, loader, n_tasks=cfg.train.episodes, tasks_per_update=cfg.train.tasks_per_update,
                device=device, precision=precision, log_every=cfg.train.log_every, on_log=writer.log_train,
-               progress=progress)
+               on_update=recorder.on_train_update, progress=progress)
     save_learner(learner, writer.run_dir / CHECKPOINT)
 
 
@@ -167,7 +168,7 @@ def _validation_episodes(cfg: RunConfig, sources: dict[str, Source]) -> dict[str
 
 def _evaluate(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer: RunWriter, run_id: str,
               device: torch.device, precision: str, progress: bool,
-              protocols: list[Protocol]) -> dict[str, Any] | None:
+              protocols: list[Protocol], recorder: ProbeRecorder) -> dict[str, Any] | None:
     """Evaluate ``protocols`` on the evaluation episodes; returns the learning-rate record (None: no fine-tuning)."""
     selector = LrSelector.from_eval(cfg.eval, seed=cfg.seed)
     tuning = [p for p in protocols if p.fine_tunes]
@@ -178,7 +179,7 @@ def _evaluate(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writ
     ctx = EvalContext(run_id, cfg.learner.name, cfg.backbone.name, {n: s.domain for n, s in sources.items()})
     rows = evaluate(learner, make_loader(episode_set, num_workers=cfg.data.num_workers), ctx,
                     protocols=protocols, device=device, precision=precision, selector=selector,
-                    total=len(episode_set), progress=progress)
+                    total=len(episode_set), progress=progress, on_episode=recorder.on_eval_episode)
     for row in rows:
         writer.add_rows([row])
     writer.flush()
@@ -225,9 +226,11 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
     manifest = _manifest(cfg, run_id, backbone, learner, sources, device, precision)
     writer.write_config(to_yaml(cfg))
     writer.write_manifest(manifest)
-    _train(cfg, learner, sources, writer, device, precision, progress)
+    recorder = ProbeRecorder(learner, writer.run_dir, grad_every=cfg.train.probe_every)
+    _train(cfg, learner, sources, writer, device, precision, progress, recorder)
     manifest["protocols"] = [p.label for p in protocols]
-    lr_record = _evaluate(cfg, learner, sources, writer, run_id, device, precision, progress, protocols)
+    lr_record = _evaluate(cfg, learner, sources, writer, run_id, device, precision, progress, protocols, recorder)
+    recorder.finish()
     if lr_record is not None:
         manifest["lr_selection"] = lr_record
     manifest.update(status="finished", finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -260,7 +263,10 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | No
     learner.to(device)
     protocols = plan_eval(cfg, learner, modes, steps)
     writer = RunWriter(run_dir, append=True)
-    lr_record = _evaluate(cfg, learner, sources, writer, manifest["run_id"], device, precision, progress, protocols)
+    recorder = ProbeRecorder(learner, run_dir, append=True)
+    lr_record = _evaluate(cfg, learner, sources, writer, manifest["run_id"], device, precision, progress, protocols,
+                          recorder)
+    recorder.finish()
     evaluation: dict[str, Any] = {"argv": sys.argv, "overrides": overrides, "protocols": [p.label for p in protocols],
                                   "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if lr_record is not None:

@@ -150,3 +150,19 @@ def test_run_writes_its_report_and_report_command(run_dir: Path, tmp_path: Path,
     assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.md").is_file()
     assert str(tmp_path / "rep") in capsys.readouterr().out
+
+
+def test_smat_run_writes_probes_for_the_analysis(tmp_path: Path, capsys) -> None:
+    from metabench.cli import main
+
+    code = main(["run", "--learner", "smat", *FAST, "--out", str(tmp_path), "train.episodes=2",
+                 "train.probe_every=1", "learner.n_experts=2", "data.eval_sources=[digits]", "eval.episodes=2"])
+    assert code == 0, capsys.readouterr().err
+    (run,) = tmp_path.iterdir()
+    probes = {p.name for p in (run / "probes").iterdir()}
+    assert {"expert_scores.parquet", "mask_stats.parquet", "mask_overlap.parquet", "grad_alignment.parquet"} <= probes
+    scores = pd.read_parquet(run / "probes" / "expert_scores.parquet")
+    assert len(scores) == 2 * 2 and scores.groupby("episode_id")["alpha"].sum().round(5).eq(1).all()
+    frame = pd.read_parquet(run / "episodes.parquet")
+    assert frame["sparsity"].between(0, 1).all()
+    assert (run / "report" / "report.html").is_file()

@@ -19,6 +19,10 @@ LEARNERS.register("pre", "baselines.pre:Pre")
 LEARNERS.register("pmf", "baselines.pmf:PMF")
 LEARNERS.register("lora", "baselines.lora:LoRA")
 LEARNERS.register("finetune", "baselines.finetune:FineTune")
+LEARNERS.register("smat", "metabench.learners.smat:SMAT")
+LEARNERS.register("softmerge", "metabench.learners.smat:SoftMerge")
+LEARNERS.register("smat_random", "metabench.learners.smat:SMATRandom")
+LEARNERS.register("smat_magnitude", "metabench.learners.smat:SMATMagnitude")
 
 
 def list_learners() -> list[str]:

@@ -15,7 +15,14 @@ Meta-training, per task (gradient accumulation over the batch):
    theta_i' after ``teacher_steps`` SGD steps on the query set, as upstream, or on the support set) and,
    as upstream's code does, from the frozen pretrained model; loss = 0.75 CE + 0.25 KD + 1e-4 mean(l^2);
 5. once per update: the sparsity Lagrangian (``smat_losses``), optional SIMoE orthogonality, separate
-   optimisers for delta, masks and router, projected ascent on the multipliers.
+   optimisers for delta (SGD, momentum), masks (SGD, lr 1e6, clip 5) and router (AdamW, clip 1), a
+   cosine schedule with warm-up (``setup_training``), then ascent on the Lagrange multipliers.
+
+Deliberate departures from the upstream code (reference notes, section 7): the router's keys and
+tokens are trained and saved, and alpha ignores the class order; gates are the same in training and
+evaluation; distillation defaults to KL(teacher || student) (upstream computes the reverse, offered
+as ``kd_direction=student_teacher``); the teacher step count is honoured; the sparsity penalty is not
+alpha-weighted. The dense teacher uses the query labels, as upstream (``teacher_data=support`` avoids it).
 
 Evaluation merges the experts into a dense copy of the backbone (``task_model``), so the generic
 fine-tuning protocols work unchanged; no inner step at zero-shot, as upstream.
@@ -40,6 +47,7 @@ from episodes.episode import Episode, Support
 from metabench.learners import LEARNERS
 from metabench.learners.base import Learner, LearnerConfig, ProtoState, TaskState
 from metabench.learners.smat_losses import KD_DIRECTIONS, LagrangianSparsity, distillation, warmup_cosine
+from metabench.learners.smat_probes import SMATProbes
 from metabench.nn.heads import class_prototypes, embed
 from metabench.nn.router import TaskRouter
 from metabench.nn.sparse_experts import GateCache, SparseInterpolatedExperts
@@ -51,13 +59,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SMATConfig(LearnerConfig):
-    """SMAT options; defaults are the paper's ViT-S settings (see ``docs`` in the module docstring)."""
+    """SMAT options; the defaults are the paper's ViT-S settings (DINO ViT-S/16, tau 0.9)."""
 
     name: str = "smat"
     n_experts: int = 8
     target: str = r".*"  # regex fully matching backbone parameter names (e.g. "model.blocks.0.attn.qkv.weight")
     layer_types: list[str] | None = None  # subset of sparse_experts.LAYER_TYPES; None: every layer
-    structured: bool = False  # one gate per Linear input column / conv output channel (advised for ViT-B/L)
+    structured: bool = False  # one gate per Linear input column / conv output channel (advised for ViT-B/L);
+    # a structured gate's learning rate is mask_lr / (entries it covers), so one mask_lr suits both modes
     sparsity: float = 0.9  # tau: each expert keeps at most 1 - tau of its entries (ViT-S 0.9, ViT-B 0.95)
     sparsity_scope: str = "expert"  # expert (SMAT) | global (SIMoE: one constraint on the mean density)
     mask_init_mean: float = 0.0
@@ -122,11 +131,17 @@ class _TaskOutcome:
 
 
 @LEARNERS.register("smat")
-class SMAT(Learner):
+class SMAT(SMATProbes, Learner):
     """Sparse interpolated experts merged per task by a support-set router (see the module docstring)."""
 
     Config = SMATConfig
     mask_kind: ClassVar[str] = "learned"
+    #: Settings per run preset, to merge under ``learner.`` (the defaults are the paper's). "cpu" makes a
+    #: ~40-task run reach tau (the paper's multiplier lr needs thousands of updates) at half the memory.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "cpu": {"structured": True, "kd_pretrained": False, "delta_lr": 1e-3, "lambda_lr": 100.0,
+                "temperature_decay": 9.0},
+    }
 
     def __init__(self, backbone, cfg: SMATConfig) -> None:
         super().__init__(backbone, cfg)
@@ -138,8 +153,12 @@ class SMAT(Learner):
         self.router = TaskRouter(backbone.feature_dim, cfg.n_experts, n_tokens=cfg.router_tokens,
                                  heads=cfg.router_heads, mlp_ratio=cfg.router_mlp_ratio,
                                  spectral_norm=cfg.router_spectral_norm)
-        self.lagrangian = LagrangianSparsity(cfg.n_experts, cfg.sparsity, cfg.sparsity_scope) if self.learns_masks else None
+        self.lagrangian = (LagrangianSparsity(cfg.n_experts, cfg.sparsity, cfg.sparsity_scope)
+                           if self.learns_masks else None)
         self.register_buffer("tasks_seen", torch.zeros((), dtype=torch.long))  # drives the temperature; saved
+        log.info("%s: %d experts over %d entries of %d tensors (%s masks%s)", cfg.name, cfg.n_experts,
+                 self.experts.total, len(self.experts.targets), self.mask_kind,
+                 ", structured" if cfg.structured else "")
         self.optimizers = self._make_optimizers()
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
         self._scaler: Any = None
@@ -155,10 +174,13 @@ class SMAT(Learner):
         opts: dict[str, torch.optim.Optimizer] = {
             "delta": torch.optim.SGD(self.experts.delta.parameters(), lr=cfg.delta_lr, momentum=cfg.delta_momentum,
                                      weight_decay=cfg.delta_weight_decay),
-            "router": torch.optim.AdamW(self.router.parameters(), lr=cfg.router_lr, weight_decay=cfg.router_weight_decay),
+            "router": torch.optim.AdamW(self.router.parameters(), lr=cfg.router_lr,
+                                        weight_decay=cfg.router_weight_decay),
         }
-        if self.learns_masks:
-            opts["masks"] = torch.optim.SGD(self.experts.mask_logits.parameters(), lr=cfg.mask_lr)
+        if self.learns_masks:  # a structured gate sums the gradients of the entries it covers: average them
+            groups = [{"params": [self.experts.mask_logits[t.key]], "lr": cfg.mask_lr / t.repeat}
+                      for t in self.experts.targets]
+            opts["masks"] = torch.optim.SGD(groups, lr=cfg.mask_lr)
         return opts
 
     def setup_training(self, total_updates: int) -> None:
@@ -203,14 +225,16 @@ class SMAT(Learner):
 
     def _features(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Backbone features under ``params`` (merged tensors; the rest are the frozen weights)."""
-        return torch.cat([functional_call(self.backbone, dict(params), (c,)) for c in x.split(self.cfg.batch_size)]).float()
+        chunks = x.split(self.cfg.batch_size)
+        return torch.cat([functional_call(self.backbone, dict(params), (c,)) for c in chunks]).float()
 
     def _pretrained_prototypes(self, x: Tensor, y: Tensor, way: int) -> Tensor:
         """Router input: class prototypes of the frozen pretrained model, without gradients."""
         with torch.no_grad():
             return class_prototypes(embed(self.backbone, x, self.cfg.batch_size).float(), y, way)
 
-    def _inner_adapt(self, theta: dict[str, Tensor], x: Tensor, y: Tensor, way: int) -> tuple[dict[str, Tensor], Tensor]:
+    def _inner_adapt(self, theta: dict[str, Tensor], x: Tensor, y: Tensor,
+                     way: int) -> tuple[dict[str, Tensor], Tensor]:
         """Prototypes under theta_i (with their graph) and theta_i' after first-order SGD on the support CE."""
         feats = self._features(theta, x)
         prototypes = class_prototypes(feats, y, way)
@@ -286,6 +310,7 @@ class SMAT(Learner):
                 penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(cache.z)
             self._backward(penalty)
             cache.flush()
+        lr = self.optimizers["delta"].param_groups[0]["lr"]  # the rate this update used
         self._step()
         self.experts.clamp_()
         if self.lagrangian is not None:
@@ -297,7 +322,7 @@ class SMAT(Learner):
                 "ce": sum(o.ce for o in outcomes) / n, "kd": sum(o.kd for o in outcomes) / n,
                 "sparsity": 1.0 - float(density.mean()), "temperature": temperature,
                 "lambda": float(self.lagrangian.multipliers.detach().mean()) if self.lagrangian is not None else 0.0,
-                "lr_delta": self.optimizers["delta"].param_groups[0]["lr"]}
+                "lr_delta": lr}
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -344,55 +369,6 @@ class SMAT(Learner):
                 "sparsity_target": self.cfg.sparsity if self.mask_kind != "dense" else 0.0,
                 "expert_sparsity": 1.0 - float(density.mean()), "targeted_parameters": self.experts.total,
                 "tasks_seen": int(self.tasks_seen)}
-
-    # -- probes (metabench.probes protocols) ---------------------------------------------------------
-
-    def mask_stats(self) -> list[dict]:
-        """Non-zero counts per expert and layer (``metabench.probes.MaskInspector``)."""
-        return self.experts.mask_stats()
-
-    def mask_overlap(self) -> list[dict]:
-        """Pairwise intersection, union and Jaccard index of the experts' non-zero sets."""
-        inter, union = self.experts.overlap()
-        m = self.cfg.n_experts
-        return [{"expert_a": a, "expert_b": b, "intersection": int(inter[a, b]), "union": int(union[a, b]),
-                 "jaccard": float(inter[a, b] / union[a, b]) if union[a, b] > 0 else math.nan}
-                for a in range(m) for b in range(m)]
-
-    def task_meta_gradients(self, episodes: Sequence[Episode]) -> dict[str, list[Tensor]]:
-        """Per-task flattened meta-gradients of the query CE (``metabench.probes.MetaGradientSource``).
-
-        With g = dCE/dtheta_i (first-order, evaluation-mode router and gates): "delta" is the gradient
-        with respect to delta, (sum_m alpha_m z_m) * g, and "expert_<m>" is expert m's share of it,
-        alpha_m z_m * g (dense experts: z_m = 1). Costs (1 + M) x |theta| floats per task.
-        """
-        out: dict[str, list[Tensor]] = {"delta": [], **{f"expert_{m}": [] for m in range(self.cfg.n_experts)}}
-        gates = self.experts.gates()
-        training, _ = self.training, self.eval()  # no spectral-norm power iteration: probing changes nothing
-        try:
-            for ep in episodes:
-                self._task_meta_gradient(ep, gates, out)
-        finally:
-            self.train(training)
-        return out
-
-    def _task_meta_gradient(self, ep: Episode, gates: Mapping[str, Tensor] | None, out: dict[str, list[Tensor]]) -> None:
-        alpha = self.expert_scores(ep.support)
-        theta, _ = self._merged(alpha)
-        leaves = {n: t.requires_grad_() for n, t in theta.items()}
-        with torch.enable_grad():
-            adapted, prototypes = self._inner_adapt(leaves, ep.support_x, ep.support_y, ep.way)
-            ce = F.cross_entropy(self.logits(self._features(adapted, ep.query_x), prototypes), ep.query_y)
-            grads = dict(zip(leaves, torch.autograd.grad(ce, list(leaves.values()))))
-        per_target = []
-        for t in self.experts.targets:
-            g = grads[t.param] if t.rows is None else grads[t.param][t.rows[0]:t.rows[1]]
-            z = gates[t.key] if gates is not None else torch.ones((self.cfg.n_experts,) + (1,) * g.ndim, device=g.device)
-            per_target.append((alpha.view(-1, *(1,) * g.ndim) * z * g).flatten(1))  # [M, numel]
-        experts = torch.cat(per_target, dim=1)
-        out["delta"].append(experts.sum(0))
-        for m in range(self.cfg.n_experts):
-            out[f"expert_{m}"].append(experts[m])
 
 
 @LEARNERS.register("softmerge")

@@ -73,7 +73,8 @@ class LagrangianSparsity(nn.Module):
     def ascend(self, measured_density: Tensor, lr: float, reset: bool = True) -> None:
         """One ascent step on the measured violation (rho - (1 - tau)); a satisfied multiplier drops to 0
         (``reset``) or decays by projected ascent."""
-        violation = (self._pooled(measured_density.to(self.multipliers.device)) - (1.0 - self.tau)).to(self.multipliers.dtype)
+        density = self._pooled(measured_density.to(self.multipliers.device, self.multipliers.dtype))
+        violation = density - (1.0 - self.tau)
         self.multipliers.add_(lr * violation).clamp_(min=0.0)
         if reset:
             self.multipliers.masked_fill_(violation <= 0, 0.0)

@@ -155,7 +155,10 @@ def fixed_masks(weight: Tensor, mask_shape: tuple[int, ...], n_experts: int, den
     uniform for "random", probability proportional to |theta_pre| for "magnitude")."""
     n = math.prod(mask_shape)
     k = min(n, round(density * n))
-    log_w = torch.zeros(n) if kind == "random" else _importance(weight.detach().float().cpu(), mask_shape).flatten().clamp_min(1e-12).log()
+    if kind == "random":
+        log_w = torch.zeros(n)
+    else:
+        log_w = _importance(weight.detach().float().cpu(), mask_shape).flatten().clamp_min(1e-12).log()
     u = torch.rand(n_experts, n, generator=generator).clamp(1e-12, 1 - 1e-12)
     keep = (log_w - torch.log(-torch.log(u))).topk(k, dim=1).indices
     return torch.zeros(n_experts, n).scatter_(1, keep, 1.0).view(n_experts, *mask_shape)

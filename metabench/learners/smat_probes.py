@@ -1,0 +1,75 @@
+"""Analysis capabilities of the SMAT learners (``metabench.probes`` protocols), kept out of ``smat.py``.
+
+Mask statistics and overlap feed SMAT's expert-capacity and overlap figures; per-task meta-gradients
+feed its meta-gradient alignment analysis (Chen et al., ICML 2024, arXiv:2403.08477, section 5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from episodes.episode import Episode
+
+if TYPE_CHECKING:
+    from metabench.learners.smat import SMAT
+
+__all__ = ["SMATProbes"]
+
+
+class SMATProbes:
+    """Mixin for ``SMAT``: implements ``MaskInspector`` and ``MetaGradientSource``."""
+
+    def mask_stats(self: SMAT) -> list[dict]:
+        """Non-zero counts per expert and layer (``metabench.probes.MaskInspector``)."""
+        return self.experts.mask_stats()
+
+    def mask_overlap(self: SMAT) -> list[dict]:
+        """Pairwise intersection, union and Jaccard index of the experts' non-zero sets."""
+        inter, union = self.experts.overlap()
+        m = self.cfg.n_experts
+        return [{"expert_a": a, "expert_b": b, "intersection": int(inter[a, b]), "union": int(union[a, b]),
+                 "jaccard": float(inter[a, b] / union[a, b]) if union[a, b] > 0 else math.nan}
+                for a in range(m) for b in range(m)]
+
+    def task_meta_gradients(self: SMAT, episodes: Sequence[Episode]) -> dict[str, list[Tensor]]:
+        """Per-task flattened meta-gradients of the query CE (``metabench.probes.MetaGradientSource``).
+
+        With g = dCE/dtheta_i (first-order, evaluation-mode router and gates): "delta" is the gradient
+        with respect to delta, (sum_m alpha_m z_m) * g, and "expert_<m>" is expert m's share of it,
+        alpha_m z_m * g (dense experts: z_m = 1). Costs (1 + M) x |theta| floats per task.
+        """
+        out: dict[str, list[Tensor]] = {"delta": [], **{f"expert_{m}": [] for m in range(self.cfg.n_experts)}}
+        gates = self.experts.gates()
+        training, _ = self.training, self.eval()  # no spectral-norm power iteration: probing changes nothing
+        try:
+            for ep in episodes:
+                self._task_meta_gradient(ep, gates, out)
+        finally:
+            self.train(training)
+        return out
+
+    def _task_meta_gradient(self: SMAT, ep: Episode, gates: Mapping[str, Tensor] | None,
+                            out: dict[str, list[Tensor]]) -> None:
+        alpha = self.expert_scores(ep.support)
+        theta, _ = self._merged(alpha)
+        leaves = {n: t.requires_grad_() for n, t in theta.items()}
+        with torch.enable_grad():
+            adapted, prototypes = self._inner_adapt(leaves, ep.support_x, ep.support_y, ep.way)
+            ce = F.cross_entropy(self.logits(self._features(adapted, ep.query_x), prototypes), ep.query_y)
+            grads = dict(zip(leaves, torch.autograd.grad(ce, list(leaves.values()))))
+        per_target = []
+        for t in self.experts.targets:
+            g = grads[t.param] if t.rows is None else grads[t.param][t.rows[0]:t.rows[1]]
+            ones = torch.ones((self.cfg.n_experts,) + (1,) * g.ndim, device=g.device)
+            z = gates[t.key] if gates is not None else ones
+            per_target.append((alpha.view(-1, *(1,) * g.ndim) * z * g).flatten(1))  # [M, numel]
+        experts = torch.cat(per_target, dim=1)
+        out["delta"].append(experts.sum(0))
+        for m in range(self.cfg.n_experts):
+            out[f"expert_{m}"].append(experts[m])
