@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 EXPERT_SCORE_COLUMNS = ["episode_id", "source", "domain", "expert", "alpha"]
 MASK_STAT_COLUMNS = ["expert", "layer_name", "layer_type", "depth", "numel", "nonzero"]
-MASK_OVERLAP_COLUMNS = ["expert_a", "expert_b", "intersection", "union", "jaccard"]
+MASK_OVERLAP_COLUMNS = ["expert_a", "expert_b", "intersection", "nonzero_a", "nonzero_b", "union", "jaccard"]
 GRAD_ALIGNMENT_COLUMNS = ["tasks_seen", "label", "param_group", "alignment"]
 
 

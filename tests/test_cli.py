@@ -166,3 +166,5 @@ def test_smat_run_writes_probes_for_the_analysis(tmp_path: Path, capsys) -> None
     frame = pd.read_parquet(run / "episodes.parquet")
     assert frame["sparsity"].between(0, 1).all()
     assert (run / "report" / "report.html").is_file()
+    figures = {p.name for p in (run / "report" / "figures").iterdir()}
+    assert any("overlap" in f for f in figures) and any("capacity" in f for f in figures)

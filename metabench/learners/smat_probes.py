@@ -33,7 +33,9 @@ class SMATProbes:
         """Pairwise intersection, union and Jaccard index of the experts' non-zero sets."""
         inter, union = self.experts.overlap()
         m = self.cfg.n_experts
-        return [{"expert_a": a, "expert_b": b, "intersection": int(inter[a, b]), "union": int(union[a, b]),
+        size = inter.diagonal()
+        return [{"expert_a": a, "expert_b": b, "intersection": int(inter[a, b]), "nonzero_a": int(size[a]),
+                 "nonzero_b": int(size[b]), "union": int(union[a, b]),
                  "jaccard": float(inter[a, b] / union[a, b]) if union[a, b] > 0 else math.nan}
                 for a in range(m) for b in range(m)]
 
