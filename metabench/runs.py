@@ -87,7 +87,7 @@ def _manifest(cfg: RunConfig, run_id: str, backbone: Backbone, learner: Learner,
         "run_id": run_id,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "status": "running",
-        "argv": sys.argv,
+        "argv": ["metabench", *sys.argv[1:]],
         "git": _git_state(),
         "versions": _versions(),
         "device": str(device),
@@ -267,7 +267,7 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | No
     lr_record = _evaluate(cfg, learner, sources, writer, manifest["run_id"], device, precision, progress, protocols,
                           recorder)
     recorder.finish()
-    evaluation: dict[str, Any] = {"argv": sys.argv, "overrides": overrides, "protocols": [p.label for p in protocols],
+    evaluation: dict[str, Any] = {"argv": ["metabench", *sys.argv[1:]], "overrides": overrides, "protocols": [p.label for p in protocols],
                                   "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if lr_record is not None:
         evaluation["lr_selection"] = lr_record
