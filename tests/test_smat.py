@@ -187,3 +187,19 @@ def test_probe_protocols_and_writers(tmp_path: Path) -> None:
     assert stats.groupby("expert").numel.sum().eq(learner.experts.total).all()
     alignment_rows = pd.read_parquet(tmp_path / "probes" / "grad_alignment.parquet")
     assert set(alignment_rows.param_group) == {"delta", "expert_0", "expert_1", "expert_2"}
+
+
+def test_sparsity_target_ramps_cubically_during_warmup() -> None:
+    from metabench.learners.smat_losses import LagrangianSparsity
+
+    lag = LagrangianSparsity(2, 0.9)
+    lag.set_progress(0.0)
+    assert lag.target == 0.0
+    lag.set_progress(0.5)
+    assert lag.target == pytest.approx(0.9 * (1 - 0.5**3))
+    lag.set_progress(2.0)
+    assert lag.target == pytest.approx(0.9)
+    # a satisfied (ramped-down) target keeps the multipliers at zero
+    lag.set_progress(0.0)
+    lag.ascend(torch.tensor([0.5, 0.5]), lr=10.0)
+    assert torch.equal(lag.multipliers.detach(), torch.zeros(2))

@@ -69,6 +69,7 @@ class SMATConfig(LearnerConfig):
     # a structured gate's learning rate is mask_lr / (entries it covers), so one mask_lr suits both modes
     sparsity: float = 0.9  # tau: each expert keeps at most 1 - tau of its entries (ViT-S 0.9, ViT-B 0.95)
     sparsity_scope: str = "expert"  # expert (SMAT) | global (SIMoE: one constraint on the mean density)
+    sparsity_warmup: float = 0.0  # share of the updates over which the target ramps (cubically) from 0 to tau
     mask_init_mean: float = 0.0
     mask_init_std: float = 0.5
     mask_noise: bool = False  # sample hard-concrete noise in training (upstream: off)
@@ -139,7 +140,7 @@ class SMAT(SMATProbes, Learner):
     #: Settings per run preset, to merge under ``learner.`` (the defaults are the paper's). "cpu" makes a
     #: ~40-task run reach tau (the paper's multiplier lr needs thousands of updates) at half the memory.
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "cpu": {"structured": True, "kd_pretrained": False, "delta_lr": 1e-3, "lambda_lr": 100.0,
+        "cpu": {"structured": True, "kd_pretrained": False, "delta_lr": 1e-3, "lambda_lr": 10.0, "sparsity_warmup": 0.5,
                 "temperature_decay": 9.0},
     }
 
@@ -156,6 +157,7 @@ class SMAT(SMATProbes, Learner):
         self.lagrangian = (LagrangianSparsity(cfg.n_experts, cfg.sparsity, cfg.sparsity_scope)
                            if self.learns_masks else None)
         self.register_buffer("tasks_seen", torch.zeros((), dtype=torch.long))  # drives the temperature; saved
+        self._updates, self._total_updates = 0, 0  # for the sparsity ramp (set by setup_training)
         log.info("%s: %d experts over %d entries of %d tensors (%s masks%s)", cfg.name, cfg.n_experts,
                  self.experts.total, len(self.experts.targets), self.mask_kind,
                  ", structured" if cfg.structured else "")
@@ -185,6 +187,9 @@ class SMAT(SMATProbes, Learner):
 
     def setup_training(self, total_updates: int) -> None:
         """Cosine schedule with linear warm-up for delta, masks and router (multipliers keep their lr)."""
+        self._updates, self._total_updates = 0, total_updates
+        if self.lagrangian is not None:
+            self.lagrangian.set_progress(0.0 if self.cfg.sparsity_warmup > 0 else 1.0)
         warmup = max(1, round(self.cfg.warmup_fraction * total_updates)) if self.cfg.warmup_fraction > 0 else 0
         schedule = partial(warmup_cosine, warmup=warmup, total=max(1, total_updates))
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in self.optimizers.values()]
@@ -315,6 +320,9 @@ class SMAT(SMATProbes, Learner):
         self.experts.clamp_()
         if self.lagrangian is not None:
             self.lagrangian.ascend(density, self.cfg.lambda_lr, self.cfg.lambda_reset)
+            self._updates += 1
+            ramp = self.cfg.sparsity_warmup * self._total_updates
+            self.lagrangian.set_progress(self._updates / ramp if ramp > 0 else 1.0)
         temperature = self.temperature()
         self.tasks_seen += len(episodes)
         n = len(outcomes)

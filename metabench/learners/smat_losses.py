@@ -59,14 +59,24 @@ class LagrangianSparsity(nn.Module):
         if scope not in ("expert", "global"):
             raise ValueError(f'Sparsity scope must be "expert" or "global", not "{scope}".')
         self.tau, self.scope = float(tau), scope
+        self.target = float(tau)  # the sparsity asked for now; ramps up to tau under set_progress
         self.multipliers = nn.Parameter(torch.zeros(n_experts if scope == "expert" else 1))
+
+    def set_progress(self, progress: float) -> None:
+        """Ramp the target as tau * (1 - (1 - p)^3) (Zhu & Gupta's gradual pruning) for p in [0, 1].
+
+        Asking for all of tau at once lets the multipliers grow while the masks lag behind, until
+        every gate closes in one step (with noise-free gates, a closed gate never reopens).
+        """
+        p = min(max(progress, 0.0), 1.0)
+        self.target = self.tau * (1.0 - (1.0 - p) ** 3)
 
     def _pooled(self, density: Tensor) -> Tensor:
         return density if self.scope == "expert" else density.mean(0, keepdim=True)
 
     def penalty(self, expected_density: Tensor) -> Tensor:
         """Mask penalty from the differentiable expected density ``[M]``."""
-        slack = self._pooled(expected_density) - (1.0 - self.tau)
+        slack = self._pooled(expected_density) - (1.0 - self.target)
         return (self.multipliers.detach().to(slack.dtype) * slack).mean()
 
     @torch.no_grad()
@@ -74,7 +84,7 @@ class LagrangianSparsity(nn.Module):
         """One ascent step on the measured violation (rho - (1 - tau)); a satisfied multiplier drops to 0
         (``reset``) or decays by projected ascent."""
         density = self._pooled(measured_density.to(self.multipliers.device, self.multipliers.dtype))
-        violation = density - (1.0 - self.tau)
+        violation = density - (1.0 - self.target)
         self.multipliers.add_(lr * violation).clamp_(min=0.0)
         if reset:
             self.multipliers.masked_fill_(violation <= 0, 0.0)
