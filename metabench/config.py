@@ -71,6 +71,8 @@ class TrainConfig:
     tasks_per_update: int = 1
     log_every: int = 10
     probe_every: int = 0  # meta-gradient alignment probe every this many updates (0: off)
+    val_every: int = 0  # zero-shot validation (val_id in train_log.jsonl) every this many updates (0: off)
+    val_episodes: int = 10  # validation episodes per training source with a validation split
 
 
 #: Evaluation protocols: "zero_shot" (prototypes only), "full" and "lora" (test-time fine-tuning, metabench.protocols).
@@ -148,7 +150,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "traffic_sign", "mscoco", "mnist", "cifar10", "cifar100",
             ],
         },
-        "train": {"episodes": 50000, "tasks_per_update": 4, "probe_every": 250},
+        "train": {"episodes": 50000, "tasks_per_update": 4, "probe_every": 250, "val_every": 500,
+                  "val_episodes": 120},
         "eval": {"episodes": 600, "steps": 50},
     },
 }

@@ -8,6 +8,7 @@ import logging
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from metabench.engine import EvalContext, evaluate, meta_train, resolve_precisio
 from metabench.learners import create_learner
 from metabench.learners.base import Learner
 from metabench.probes import ProbeRecorder
+from metabench.validation import Validator
 from metabench.lr_selection import LrSelector
 from metabench.protocols import Protocol, plan_protocols
 from metabench.results import RunWriter, load_run
@@ -118,10 +120,19 @@ def _train(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer:
     episode_set = EpisodeSet(train_sources, Split.TRAIN, cfg.data.train_sampler, cfg.train.episodes, seed=cfg.seed,
                              image_size=cfg.data.image_size, per_source=False, augment=augment)
     loader = make_loader(episode_set, num_workers=cfg.data.num_workers)
+    validator = Validator(cfg, learner, train_sources, writer, device, precision)
     meta_train(learner, loader, n_tasks=cfg.train.episodes, tasks_per_update=cfg.train.tasks_per_update,
                device=device, precision=precision, log_every=cfg.train.log_every, on_log=writer.log_train,
-               on_update=recorder.on_train_update, progress=progress)
+               on_update=_both(recorder.on_train_update, validator), progress=progress)
     save_learner(learner, writer.run_dir / CHECKPOINT)
+
+
+def _both(*hooks: Callable[..., None]) -> Callable[..., None]:
+    """One ``on_update`` hook that calls several."""
+    def call(*args: Any) -> None:
+        for hook in hooks:
+            hook(*args)
+    return call
 
 
 def _eval_episodes(cfg: RunConfig, sources: dict[str, Source]) -> EpisodeSet:
