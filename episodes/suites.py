@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,12 @@ from typing import Any
 
 from metabench.registry import suggest
 
-from episodes.episode import Split, episode_id
+from episodes.episode import Split
 from episodes.loader import EpisodePlan, EpisodeSet
 from episodes.readers.base import Source
-from episodes.sampler import EpisodeDescription, SamplerConfig
+from episodes.sampler import SamplerConfig
 from episodes.spec import DatasetSpec, parse_split
+from episodes.suite_format import SuiteError, plan_from_json, plan_to_json
 
 __all__ = [
     "RECIPES",
@@ -53,10 +55,6 @@ log = logging.getLogger(__name__)
 SUITES_DIR = Path(__file__).with_name("suites")
 FORMAT = "metabench-suite/1"
 GZIP_ABOVE = 1_000_000  # bytes of JSON; a 600-episode x 3-source suite is ~10 MB as text, ~2 MB gzipped
-
-
-class SuiteError(ValueError):
-    """A suite that is missing, damaged, or does not match the sources; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -83,48 +81,14 @@ def spec_fingerprint(spec: DatasetSpec) -> str:
     Those say where and how the files are stored, not which images exist: the same source
     converted on another machine or packed to HDF5 keeps its fingerprint.
     """
-    data = {k: v for k, v in spec.to_dict().items() if k not in ("path", "file_pattern")}
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return _canonical_hash({k: v for k, v in spec.to_dict().items() if k not in ("path", "file_pattern")})
 
 
 def _canonical_hash(doc: Mapping[str, Any]) -> str:
+    """sha256 of ``doc``'s canonical JSON, leaving out its own ``content_hash``."""
     body = {k: v for k, v in doc.items() if k != "content_hash"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _grouped(pairs: Sequence[tuple[int, int]], class_ids: Sequence[int]) -> list[list[int]]:
-    """(class, index) pairs -> one index list per label: plans group pairs by label, so this is lossless."""
-    out: dict[int, list[int]] = {c: [] for c in class_ids}
-    for c, i in pairs:
-        out[c].append(i)
-    return [out[c] for c in class_ids]
-
-
-def _plan_to_json(plan: EpisodePlan) -> dict[str, Any]:
-    return {
-        "source": plan.source,
-        "split": plan.split.value,
-        "episode_id": plan.episode_id,
-        "class_ids": list(plan.class_ids),
-        "shots": [sum(1 for c, _ in plan.support if c == k) for k in plan.class_ids],
-        "n_query": plan.description.n_query,
-        "support": _grouped(plan.support, plan.class_ids),
-        "query": _grouped(plan.query, plan.class_ids),
-    }
-
-
-def _plan_from_json(index: int, e: Mapping[str, Any], where: str) -> EpisodePlan:
-    class_ids = tuple(int(c) for c in e["class_ids"])
-    support = tuple((c, int(i)) for c, idx in zip(class_ids, e["support"]) for i in idx)
-    query = tuple((c, int(i)) for c, idx in zip(class_ids, e["query"]) for i in idx)
-    desc = EpisodeDescription(class_ids, tuple(int(k) for k in e["shots"]), int(e["n_query"]))  # label order
-    plan = EpisodePlan(index, str(e["source"]), parse_split(e["split"]), desc, class_ids, support, query)
-    if plan.episode_id != e["episode_id"]:
-        raise SuiteError(f"{where}: episode {index} has id {e['episode_id']} but its images hash to "
-                         f"{plan.episode_id}; episode ids changed in this version, so freeze the suite again.")
-    return plan
 
 
 @dataclass(frozen=True)
@@ -171,7 +135,7 @@ class Suite:
         """The file's content (with ``content_hash``)."""
         doc = _header(self.name, self.split, self.sampler, self.seed, self.n_per_source, self.image_size,
                       self.fingerprints)
-        doc["episodes"] = [_plan_to_json(p) for p in self.plans]
+        doc["episodes"] = [plan_to_json(p) for p in self.plans]
         doc["content_hash"] = self.content_hash
         return doc
 
@@ -247,7 +211,7 @@ def freeze_suite(
     plans = tuple(es.describe(i) for i in range(len(es)))
     fingerprints = {s.name: spec_fingerprint(s.spec) for s in es.sources}
     doc = _header(name, es.split, es.config, seed, n, image_size, fingerprints)
-    doc["episodes"] = [_plan_to_json(p) for p in plans]
+    doc["episodes"] = [plan_to_json(p) for p in plans]
     doc["content_hash"] = _canonical_hash(doc)
     path = _write(Path(directory) if directory is not None else SUITES_DIR, name, _encode(doc))
     return load_suite(path)
@@ -305,7 +269,7 @@ def load_suite(
         )
     try:
         sampler = SamplerConfig(**doc["sampler"])
-        plans = tuple(_plan_from_json(i, e, str(path)) for i, e in enumerate(doc["episodes"]))
+        plans = tuple(plan_from_json(i, e, str(path)) for i, e in enumerate(doc["episodes"]))
         suite = Suite(
             name=str(doc["name"]),
             split=parse_split(doc["split"]),
@@ -351,11 +315,12 @@ class SuiteEpisodeSet(EpisodeSet):
         given = _by_name(sources)
         self.suite = suite
         keep = set(names)
-        self.plans = [p for p in suite.plans if p.source in keep]
-        if max_per_source is not None:
-            taken: dict[str, int] = {}
-            self.plans = [p for p in self.plans if (taken.__setitem__(p.source, taken.get(p.source, 0) + 1)
-                                                    or taken[p.source] <= max_per_source)]
+        taken: Counter[str] = Counter()
+        self.plans = []
+        for plan in suite.plans:
+            taken[plan.source] += 1
+            if plan.source in keep and (max_per_source is None or taken[plan.source] <= max_per_source):
+                self.plans.append(plan)
         super().__init__([given[n] for n in names], suite.split, suite.sampler, n_episodes=suite.n_per_source,
                          seed=suite.seed, image_size=image_size if image_size is not None else suite.image_size)
 

@@ -1,0 +1,69 @@
+"""Options of the SMAT learner (``learner.<key>=value``), kept apart from the learner's code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metabench.learners.base import LearnerConfig
+from metabench.learners.smat_losses import KD_DIRECTIONS
+
+__all__ = ["SMATConfig"]
+
+
+@dataclass
+class SMATConfig(LearnerConfig):
+    """SMAT options; the defaults are the paper's ViT-S settings (DINO ViT-S/16, tau 0.9)."""
+
+    name: str = "smat"
+    n_experts: int = 8
+    target: str = r".*"  # regex fully matching backbone parameter names (e.g. "model.blocks.0.attn.qkv.weight")
+    layer_types: list[str] | None = None  # subset of sparse_experts.LAYER_TYPES; None: every layer
+    structured: bool = False  # one gate per Linear input column / conv output channel (advised for ViT-B/L);
+    # a structured gate's learning rate is mask_lr / (entries it covers), so one mask_lr suits both modes
+    sparsity: float = 0.9  # tau: each expert keeps at most 1 - tau of its entries (ViT-S 0.9, ViT-B 0.95)
+    sparsity_scope: str = "expert"  # expert (SMAT) | global (SIMoE: one constraint on the mean density)
+    sparsity_warmup: float = 0.0  # share of the updates over which the target ramps (cubically) from 0 to tau
+    mask_init_mean: float = 0.0
+    mask_init_std: float = 0.5
+    mask_noise: bool = False  # sample hard-concrete noise in training (upstream: off)
+    ortho_weight: float = 0.0  # SIMoE's mask orthogonality penalty
+    router_tokens: int = 4
+    router_heads: int = 4
+    router_mlp_ratio: float = 2.0
+    router_spectral_norm: bool = True
+    temperature_start: float = 5.0  # T = max(temperature_min, temperature_start - tasks_seen / temperature_decay)
+    temperature_min: float = 0.5
+    temperature_decay: float = 4000.0
+    logit_penalty: float = 1e-4  # weight of mean(router logits^2)
+    inner_lr: float = 1e-3
+    inner_steps: int = 1
+    kd_weight: float = 0.25  # loss = (1 - w) CE + w KD
+    kd_temperature: float = 2.0
+    kd_direction: str = "teacher_student"  # teacher_student: KL(teacher||student) | student_teacher (upstream)
+    teacher_steps: int = 1  # SGD steps of the dense teacher (0: no task-specific teacher)
+    teacher_lr: float = 5e-3
+    teacher_data: str = "query"  # query (upstream: uses the query labels) | support
+    kd_pretrained: bool = True  # also distil from the frozen pretrained ProtoNet (upstream code; not in the paper text)
+    delta_lr: float = 1e-4  # ViT-B/L: 5e-4
+    delta_momentum: float = 0.9
+    delta_weight_decay: float = 1e-4
+    mask_lr: float = 1e6  # plain SGD: the masks saturate to {0, 1}
+    mask_clip: float = 5.0
+    lambda_lr: float = 2e-3
+    lambda_reset: bool = True  # a satisfied multiplier drops to 0 (upstream); False: projected ascent
+    router_lr: float = 1e-4
+    router_weight_decay: float = 1e-2
+    router_clip: float = 1.0
+    warmup_fraction: float = 0.1  # 5 of 50 epochs upstream
+    batch_size: int = 128  # images per backbone forward
+
+    def __post_init__(self) -> None:
+        choices = {"sparsity_scope": ("expert", "global"), "kd_direction": KD_DIRECTIONS,
+                   "teacher_data": ("query", "support")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f'learner.{key} must be one of {", ".join(allowed)}, not "{getattr(self, key)}".')
+        if not 0.0 <= self.sparsity < 1.0 or not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError("learner.sparsity must be in [0, 1) and learner.kd_weight in [0, 1].")
+        if self.n_experts < 1 or self.inner_steps < 0 or self.teacher_steps < 0:
+            raise ValueError("learner.n_experts must be positive; inner_steps and teacher_steps not negative.")
