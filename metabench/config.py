@@ -79,8 +79,11 @@ class TrainConfig:
 EVAL_MODES: tuple[str, ...] = ("zero_shot", "full", "lora")
 LR_SELECTIONS: tuple[str, ...] = ("valid", "support", "fixed")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
-#: Linear layers of every ViT block; a bare "proj" would also catch the patch-embedding Conv2d.
-LORA_TARGET = r"(.*\.)?blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+#: Default LoRA targets: the Linear layers of every ViT block (a bare "proj" would also catch the
+#: patch-embedding Conv2d) and, for timm's EfficientNet/MobileNet family, the 1x1 convolutions of every
+#: block plus the head conv (depthwise convolutions keep no low-rank structure worth adapting).
+LORA_TARGET = (r"(.*\.)?blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+               r"|(.*\.)?blocks\.\d+\.\d+\.conv_(pw|pwl)|(.*\.)?conv_head")
 
 
 @dataclass

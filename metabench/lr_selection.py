@@ -72,13 +72,18 @@ def score_lrs(learner: Learner, tasks: Sequence[Task], *, protocol: Protocol, op
     for lr in dict.fromkeys(float(v) for v in grid):
         accs, losses = [], []
         for support, x, y in tasks:
-            state = learner.adapt(support, mode=protocol.mode, steps=protocol.steps, options=options.with_lr(lr))
+            state = learner.adapt(support, mode=protocol.mode, steps=steps_at(protocol, lr), options=options.with_lr(lr))
             with torch.no_grad():
                 logits = learner.predict(state, x).float()
             accs.append((logits.argmax(-1) == y).float().mean().item())
             losses.append(F.cross_entropy(logits, y).item())
         scores[lr] = (sum(accs) / len(accs), sum(losses) / len(losses))
     return scores
+
+
+def steps_at(protocol: Protocol, lr: float) -> int:
+    """Fine-tuning steps at ``lr``: none at lr 0, whose steps cannot move a weight (it is the zero-shot candidate)."""
+    return protocol.steps if lr > 0 else 0
 
 
 def best_lr(scores: dict[float, tuple[float, float]]) -> float:
@@ -160,7 +165,7 @@ class LrSelector:
         if not protocol.fine_tunes:
             return learner.adapt(support, mode="zero_shot", steps=0)
         lr = self.lr_for(learner, source, support, protocol)
-        return learner.adapt(support, mode=protocol.mode, steps=protocol.steps, options=self.options.with_lr(lr))
+        return learner.adapt(support, mode=protocol.mode, steps=steps_at(protocol, lr), options=self.options.with_lr(lr))
 
     def _entry(self, source: str, protocol: Protocol) -> dict[str, Any]:
         return self._record.setdefault(protocol.label, {}).setdefault(source, {})

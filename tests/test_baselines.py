@@ -85,3 +85,20 @@ def test_finetune_defaults_to_full_fine_tuning_and_zero_shot_still_works() -> No
     assert torch.equal(learner.predict(learner.adapt(ep.support), ep.query_x),
                        pre.predict(pre.adapt(ep.support), ep.query_x))
     assert not learner.meta_trainable
+
+
+def test_default_lora_target_covers_vits_and_efficientnets() -> None:
+    """ViT blocks' Linear layers; EfficientNet's 1x1 convs and head conv, never the stem or depthwise convs."""
+    import re
+
+    import timm
+
+    from metabench.config import LORA_TARGET
+
+    names = [n for n, m in timm.create_model("tf_efficientnet_lite0").named_modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    chosen = {n for n in names if re.fullmatch(LORA_TARGET, f"backbone.model.{n}")}
+    assert {"blocks.0.0.conv_pw", "blocks.1.0.conv_pwl", "conv_head"} <= chosen and len(chosen) == 32
+    assert not any("conv_dw" in n or n in ("conv_stem", "classifier") for n in chosen)
+    vit = {n for n, _ in create_backbone("vit_test").named_modules() if re.fullmatch(LORA_TARGET, n)}
+    assert vit == {f"model.blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from episodes.episode import Episode, Split, Support
 from metabench.backbones import create_backbone
 from metabench.config import EvalConfig, load_config
 from metabench.engine import EvalContext, evaluate
 from metabench.learners import create_learner
-from metabench.lr_selection import LrSelector, split_support
+from metabench.lr_selection import LrSelector, score_lrs, split_support
 from metabench.nn.augment import diff_augment, translate
 from metabench.nn.heads import class_prototypes
 from metabench.protocols import FineTuneOptions, Protocol, fine_tune, merge_adapters, plan_protocols, prepare
@@ -211,6 +212,18 @@ def test_lr_selection_never_reads_test_query_labels() -> None:
     logits_b, record_b = _run_and_record(learner, poisoned)
     assert record_a == record_b and record_a["protocols"]["full@2"]["squares"]["method"] == "support"
     assert len(logits_a) == len(logits_b) and all(torch.equal(a, b) for a, b in zip(logits_a, logits_b))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_lr_zero_candidate_is_exactly_zero_shot(mode: str) -> None:
+    """lr 0 skips its steps; taking them would change nothing (BatchNorm statistics stay frozen)."""
+    learner, ep = _learner(), _square_task(5)
+    task = (ep.support, ep.query_x, ep.query_y)
+    skipped = score_lrs(learner, [task], protocol=Protocol(mode, 3), options=FineTuneOptions(), grid=[0.0])
+    state = learner.adapt(ep.support, mode=mode, steps=3, options=FineTuneOptions().with_lr(0.0))
+    logits = learner.predict(state, ep.query_x)
+    taken = ((logits.argmax(-1) == ep.query_y).float().mean().item(), F.cross_entropy(logits, ep.query_y).item())
+    assert skipped[0.0][0] == taken[0] and skipped[0.0][1] == pytest.approx(taken[1], abs=1e-5)
 
 
 def test_validation_selection_refuses_test_episodes() -> None:
