@@ -85,7 +85,7 @@ def _breakdown_section(frame: pd.DataFrame, out: Path) -> Section:
 
 
 def _sweep_figures(frame: pd.DataFrame, manifests: dict[str, dict[str, Any]], fig_dir: Path, out: Path,
-                   sweep_key: str | None) -> list[figs.FigureResult | Skipped]:
+                   sweep_key: str | None, sweep_group: str | None = None) -> list[figs.FigureResult | Skipped]:
     by_learner: dict[str, dict[str, dict[str, Any]]] = {}
     for run_id, manifest in manifests.items():
         learner = str(manifest.get("config", {}).get("learner", {}).get("name", "?"))
@@ -97,7 +97,7 @@ def _sweep_figures(frame: pd.DataFrame, manifests: dict[str, dict[str, Any]], fi
 
         def make(group: dict = group, learner: str = learner) -> figs.FigureResult:
             key = sweep_key or figs.swept_key(group)
-            summary = figs.sweep_summary(frame, group, key)
+            summary = figs.sweep_summary(frame, group, key, group_key=sweep_group)
             atomic_write(out / f"sweep_{_slug(learner)}.csv", summary.to_csv(index=False, float_format="%.4f"))
             return figs.plot_sparsity_tradeoff(summary, fig_dir, key, name=f"sparsity_tradeoff_{_slug(learner)}")
 
@@ -161,7 +161,7 @@ def _curve_figure(run_dirs: dict[str, Path], baseline: str, fig_dir: Path, out: 
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path, *, baseline: str | None = None,
-                 sweep_key: str | None = None) -> Path:
+                 sweep_key: str | None = None, sweep_group: str | None = None) -> Path:
     """Write the report of ``run_dirs`` into the folder ``out``; returns the path of ``report.html``.
 
     Args:
@@ -169,6 +169,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *, baseline: s
         out: output folder (created; existing report files are replaced).
         baseline: run label that paired comparisons and the speed-up are measured against (default: first run).
         sweep_key: the config key a sweep varies (default: detected per learner, see ``figures.swept_key``).
+        sweep_group: a second swept key; the trade-off figure draws one line per value of it.
     """
     out = Path(out)
     fig_dir = out / "figures"
@@ -186,7 +187,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *, baseline: s
                      _breakdown_section(frame, out)]
     else:
         sections.append(Section("Results", "<p>No run has evaluated episodes.</p>", "No run has evaluated episodes.\n"))
-    outcomes = [*_sweep_figures(frame, manifests, fig_dir, out, sweep_key), *_alignment_figure(by_label, fig_dir),
+    outcomes = [*_sweep_figures(frame, manifests, fig_dir, out, sweep_key, sweep_group), *_alignment_figure(by_label, fig_dir),
                 *_expert_figures(by_label, fig_dir), _curve_figure(by_label, baseline, fig_dir, out)]
     sections.append(provenance_section(manifests, labels))
     atomic_write(out / "report.md", render_markdown(manifests, labels, sections, outcomes, out))

@@ -99,6 +99,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from metabench.sweep import parse_axes, run_sweep
+
+    outcome = run_sweep(parse_axes(args.over), config=args.config, overrides=args.overrides, flags=_flags(args),
+                        name=args.name, progress=not args.quiet)
+    print(f"Sweep: {outcome.sweep_dir} ({len(outcome.run_dirs)} runs)")
+    print(f"Report: {outcome.report}")
+    return 0
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -205,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common_run_args(ev)
     ev.set_defaults(func=cmd_eval)
 
+    sw = sub.add_parser("sweep", help="run one learner over a grid of config values, then report the trade-off",
+                        description="Run every combination of the --over values (one run folder each, under "
+                        "<out>/<name>/), then write a report whose trade-off figure plots ID vs OOD accuracy "
+                        "per setting. Re-running with the same --name skips finished settings.")
+    sw.add_argument("--over", action="append", required=True, metavar="KEY=V1,V2,...",
+                    help="a swept config key and its values, e.g. learner.sparsity=0.5,0.8,0.9; a second --over "
+                    "makes a grid (one line per value of it in the figure)")
+    sw.add_argument("--name", help="sweep folder name under --out (default: sweep-<time>-<learner>-<backbone>-<keys>); "
+                    "reuse it to resume")
+    _common_run_args(sw)
+    sw.set_defaults(func=cmd_sweep)
+
     rep = sub.add_parser("report", help="tables, figures and an HTML/Markdown report from run folders",
                          description="Read run folders (results only) and write report.html (self-contained), "
                          "report.md, tables (Markdown, LaTeX, CSV) and figures (PNG, SVG) to --out.")
@@ -228,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides may sit anywhere (even after a multi-value flag such as --steps): take them out first.
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    # (The value of `sweep --over` is KEY=V1,V2 too: it stays with its flag.)
+    is_override = [("=" in a and not a.startswith("-") and (i == 0 or argv[i - 1] != "--over"))
+                   for i, a in enumerate(argv)]
+    overrides = [a for a, o in zip(argv, is_override) if o]
+    args = parser.parse_args([a for a, o in zip(argv, is_override) if not o])
     if overrides and not hasattr(args, "overrides"):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if overrides:

@@ -72,7 +72,8 @@ class TrainConfig:
     log_every: int = 10
     probe_every: int = 0  # meta-gradient alignment probe every this many updates (0: off)
     val_every: int = 0  # zero-shot validation (val_id in train_log.jsonl) every this many updates (0: off)
-    val_episodes: int = 10  # validation episodes per training source with a validation split
+    val_episodes: int = 10  # validation episodes per source (training sources' valid split, and val_ood_sources)
+    val_ood_sources: list[str] = field(default_factory=list)  # OOD learning curve (val_ood): valid split, else test
 
 
 #: Evaluation protocols: "zero_shot" (prototypes only), "full" and "lora" (test-time fine-tuning, metabench.protocols).
@@ -154,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             ],
         },
         "train": {"episodes": 50000, "tasks_per_update": 4, "probe_every": 250, "val_every": 500,
-                  "val_episodes": 120},
+                  "val_episodes": 120, "val_ood_sources": ["traffic_sign", "mscoco"]},
         "eval": {"episodes": 600, "steps": 50},
     },
 }

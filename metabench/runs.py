@@ -120,7 +120,8 @@ def _train(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer:
     episode_set = EpisodeSet(train_sources, Split.TRAIN, cfg.data.train_sampler, cfg.train.episodes, seed=cfg.seed,
                              image_size=cfg.data.image_size, per_source=False, augment=augment)
     loader = make_loader(episode_set, num_workers=cfg.data.num_workers)
-    validator = Validator(cfg, learner, train_sources, writer, device, precision)
+    validator = Validator(cfg, learner, train_sources, writer, device, precision,
+                          ood_sources=[sources[n] for n in cfg.train.val_ood_sources])
     meta_train(learner, loader, n_tasks=cfg.train.episodes, tasks_per_update=cfg.train.tasks_per_update,
                device=device, precision=precision, log_every=cfg.train.log_every, on_log=writer.log_train,
                on_update=_both(recorder.on_train_update, validator), progress=progress)
@@ -226,8 +227,8 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
     _seed_everything(cfg.seed)
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    sources = build_sources([*cfg.data.train_sources, *cfg.data.eval_sources] if cfg.train.episodes else
-                            cfg.data.eval_sources, cfg.data.root)
+    sources = build_sources([*cfg.data.train_sources, *cfg.train.val_ood_sources, *cfg.data.eval_sources]
+                            if cfg.train.episodes else cfg.data.eval_sources, cfg.data.root)
     backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights,
                                allow_download=cfg.backbone.allow_download)
     learner = create_learner(cfg.learner.name, backbone, cfg.learner).to(device)

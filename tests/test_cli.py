@@ -174,12 +174,14 @@ def test_validation_during_meta_training_feeds_learning_curves(tmp_path: Path, c
     from metabench.cli import main
 
     code = main(["run", "--learner", "pmf", *FAST, "--out", str(tmp_path), "train.episodes=4", "train.val_every=2",
-                 "train.val_episodes=2", "data.eval_sources=[digits]", "eval.episodes=1"])
+                 "train.val_episodes=2", "train.val_ood_sources=[digits]", "data.eval_sources=[digits]",
+                 "eval.episodes=1"])
     assert code == 0, capsys.readouterr().err
     (run,) = tmp_path.iterdir()
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     val = [r for r in log if "val_id" in r]
     assert [r["tasks"] for r in val] == [2, 4] and all(0 <= r["val_id"] <= 1 for r in val)
-    assert all(r["val_episodes"] == 2 for r in val)
+    assert all(r["val_id_episodes"] == r["val_ood_episodes"] == 2 and 0 <= r["val_ood"] <= 1 for r in val)
+    assert all(r["val_ood_splits"] == "digits:test" for r in val)  # digits has no validation classes
     figures = {p.name for p in (run / "report" / "figures").iterdir()}
     assert any("curve" in f for f in figures), figures

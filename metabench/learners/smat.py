@@ -116,8 +116,10 @@ class SMAT(SMATProbes, Learner):
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         cfg = self.cfg
         opts: dict[str, torch.optim.Optimizer] = {
-            "delta": torch.optim.SGD(self.experts.delta.parameters(), lr=cfg.delta_lr, momentum=cfg.delta_momentum,
-                                     weight_decay=cfg.delta_weight_decay),
+            "delta": (torch.optim.SGD(self.experts.delta.parameters(), lr=cfg.delta_lr, momentum=cfg.delta_momentum,
+                                      weight_decay=cfg.delta_weight_decay) if cfg.delta_optimizer == "sgd" else
+                      torch.optim.AdamW(self.experts.delta.parameters(), lr=cfg.delta_lr,
+                                        weight_decay=cfg.delta_weight_decay)),
             "router": torch.optim.AdamW(self.router.parameters(), lr=cfg.router_lr,
                                         weight_decay=cfg.router_weight_decay),
         }

@@ -44,8 +44,9 @@ class SMATConfig(LearnerConfig):
     teacher_lr: float = 5e-3
     teacher_data: str = "query"  # query (upstream: uses the query labels) | support
     kd_pretrained: bool = True  # also distil from the frozen pretrained ProtoNet (upstream code; not in the paper text)
+    delta_optimizer: str = "sgd"  # sgd (paper: momentum SGD) | adamw (moves every unmasked entry from the first updates)
     delta_lr: float = 1e-4  # ViT-B/L: 5e-4
-    delta_momentum: float = 0.9
+    delta_momentum: float = 0.9  # sgd only
     delta_weight_decay: float = 1e-4
     mask_lr: float = 1e6  # plain SGD: the masks saturate to {0, 1}
     mask_clip: float = 5.0
@@ -59,7 +60,7 @@ class SMATConfig(LearnerConfig):
 
     def __post_init__(self) -> None:
         choices = {"sparsity_scope": ("expert", "global"), "kd_direction": KD_DIRECTIONS,
-                   "teacher_data": ("query", "support")}
+                   "teacher_data": ("query", "support"), "delta_optimizer": ("sgd", "adamw")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f'learner.{key} must be one of {", ".join(allowed)}, not "{getattr(self, key)}".')
