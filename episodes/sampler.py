@@ -255,11 +255,13 @@ def check_split(spec: DatasetSpec, split: Split | str, cfg: SamplerConfig | None
     for class_id in ids:
         have = spec.images_per_class[class_id]
         if have < need:
-            request = {"fixed": f"{cfg.shot}-shot {cfg.query}-query episodes",
-                       "any": f"{cfg.min_shot}-shot {cfg.query}-query episodes"}.get(cfg.mode, "any episode")
+            request = {"fixed": f"{cfg.shot}-shot {cfg.query}-query episodes need",
+                       "any": f"{cfg.min_shot}-shot {cfg.query}-query episodes need"}.get(
+                           cfg.mode, "every episode needs (one support, one query)")
+            fix = "lower shot/query" if cfg.mode in ("fixed", "any") else "add images"
             raise ValueError(
-                f'{where} class {class_id} ("{spec.class_name(class_id)}") has {have} images, fewer than the '
-                f"{need} that {request} need; lower shot/query or drop this class from the spec."
+                f'{where} class {class_id} ("{spec.class_name(class_id)}") has {have} images, '
+                f"fewer than the {need} that {request}; {fix} or drop this class from the spec."
             )
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from episodes.episode import Split
 from episodes.readers.base import Source
@@ -91,7 +91,8 @@ def decode_image(
                     rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise FolderSourceError(f"{what} cannot be decoded ({e}); replace or delete it and run again.") from None
+        why = "not a known image format" if isinstance(e, UnidentifiedImageError) else e
+        raise FolderSourceError(f"{what} cannot be decoded ({why}); replace or delete it and run again.") from None
 
 
 def within_class_order(class_key: str, n: int) -> np.ndarray:
@@ -250,7 +251,8 @@ class ImageFolderSource(Source):
             with Image.open(path) as img:
                 return img.height, img.width
         except OSError as e:
-            raise FolderSourceError(f"Image {path} cannot be decoded ({e}); "
+            why = "not a known image format" if isinstance(e, UnidentifiedImageError) else e
+            raise FolderSourceError(f"Image {path} cannot be decoded ({why}); "
                                     "replace or delete it and run again.") from None
 
     @property

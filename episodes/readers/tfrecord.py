@@ -209,13 +209,27 @@ def read_md_spec(path: Path) -> DatasetSpec:
     """Read ``dataset_spec.json``; MD's BiLevel specs (Omniglot) omit classes_per_split, derived here."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except OSError:
         return DatasetSpec.from_json(path)  # raises its one-sentence error
-    if isinstance(data, dict) and "classes_per_split" not in data and "split_subgraphs" in data:
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix it or convert the source "
+                        "again.") from None
+    try:
+        return _spec_from_md_dict(data, path)
+    except SpecError as e:
+        if str(path) in str(e):
+            raise
+        raise SpecError(f"{path} contradicts itself: {e} Fix the spec or convert the source again.") from None
+
+
+def _spec_from_md_dict(data: Any, path: Path) -> DatasetSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a dataset spec must be a JSON object; fix it or convert the source again.")
+    if "classes_per_split" not in data and "split_subgraphs" in data:
         from episodes.hierarchy import spec_from_md_hierarchical  # ILSVRC's HierarchicalDatasetSpecification
 
         return spec_from_md_hierarchical(data)
-    if isinstance(data, dict) and "classes_per_split" not in data and "classes_per_superclass" in data:
+    if "classes_per_split" not in data and "classes_per_superclass" in data:
         try:
             per_split = {parse_split(k): int(v) for k, v in data["superclasses_per_split"].items()}
             sizes = {int(k): int(v) for k, v in data["classes_per_superclass"].items()}
@@ -228,6 +242,10 @@ def read_md_spec(path: Path) -> DatasetSpec:
             first = ids.stop
         data = {**data, "classes_per_split": counts}
     return DatasetSpec.from_dict(data, origin=str(path))
+
+
+def _has_records(root: Path, name: str) -> bool:
+    return (root / "dataset_spec.json").is_file() or (root / name / "dataset_spec.json").is_file()
 
 
 def _source_folder(root: Path, name: str | None) -> Path:
@@ -266,7 +284,9 @@ def open_md_source(name: str, root: str | None = None, *, format: str = "auto", 
     if format == "h5" or (format == "auto" and cache.is_file()):
         from episodes.readers.hdf5 import PackedHDF5, cache_matches_records
 
-        if format == "h5" or cache_matches_records(cache, Path(root) / name, options.get("image_size")):
+        # Without records beside it the cache is the source: a broken one is an error, not a warning.
+        if (format == "h5" or not _has_records(Path(root), name)
+                or cache_matches_records(cache, Path(root) / name, options.get("image_size"))):
             log.info('Source "%s": reading the packed cache %s', name, cache)
             return PackedHDF5(cache, name=name, domain=options.get("domain"))
     return MetaDatasetTFRecords(root, name=name, **options)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import crc32c
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from episodes.readers.base import cache_dir
 
@@ -193,7 +193,8 @@ def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(img.convert("RGB") if img.mode == "L" else img, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise TFRecordError(f"{where} holds an image that cannot be decoded ({e}); "
+        why = "not a known image format" if isinstance(e, UnidentifiedImageError) else e
+        raise TFRecordError(f"{where} holds an image that cannot be decoded ({why}); "
                             "re-convert this class or remove the record.") from None
 
 
