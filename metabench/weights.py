@@ -32,6 +32,7 @@ __all__ = [
     "hub_offline",
     "hub_reachable",
     "find_in_hub_cache",
+    "load_checkpoint_into",
     "load_into",
     "load_state_dict_file",
     "map_by_position",
@@ -92,32 +93,77 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     unwrapped. Anything else is a ``WeightsError`` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Weights file {path} does not exist; pass a safetensors or torch state-dict file.")
-    with open(path, "rb") as f:
-        head = f.read(16)
+    head = _head(path, "Weights file")
     if _looks_like_safetensors(head, path.stat().st_size):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"Weights file {path} is a damaged safetensors file ({e}).") from None
+        return _load_safetensors(path, "Weights file")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses anyway
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch would hand a *.safetensors path to safetensors
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         if head.startswith((_TORCH_ZIP_MAGIC, _TORCH_LEGACY_MAGIC)):
             raise WeightsError(
                 f"Weights file {path} holds Python objects other than tensors, which metabench never unpickles; "
                 "re-save only the state dict (torch.save(model.state_dict(), path)) or convert it to safetensors."
             ) from None
-        raise WeightsError(f"Weights file {path} is neither a safetensors file nor a torch state dict.") from None
+        raise WeightsError(f"Weights file {path} is {_NOT_WEIGHTS}.") from None
     except Exception:  # torch raises many types (RuntimeError, KeyError, EOFError) for non-torch bytes
-        raise WeightsError(f"Weights file {path} is neither a safetensors file nor a torch state dict.") from None
+        raise WeightsError(f"Weights file {path} is {_NOT_WEIGHTS}.") from None
     return _as_state_dict(obj, path)
+
+
+_NOT_WEIGHTS = ("neither a safetensors file nor a torch state dict; pass a .safetensors file or a state dict saved "
+                "with torch.save(model.state_dict(), path)")
+
+
+def _head(path: Path, what: str) -> bytes:
+    """The first bytes of ``path``, which must be a readable file (else one clear error naming it)."""
+    if path.is_dir():
+        raise WeightsError(f"{what} {path} is a folder; pass the file itself.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist; pass a safetensors or torch state-dict file.")
+    with open(path, "rb") as f:
+        return f.read(16)
+
+
+def _load_safetensors(path: Path, what: str) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{what} {path} is a damaged safetensors file ({e}); copy or save it again.") from None
+
+
+def load_checkpoint_into(module: nn.Module, path: str | Path, what: str) -> None:
+    """Load a safetensors checkpoint written from a module like ``module`` (a learner), strictly.
+
+    ``what`` names the module for messages (e.g. 'learner "pmf" on backbone vit_test'). A file that is
+    not safetensors, or whose keys or shapes differ (another learner or backbone), is one
+    ``WeightsError`` and leaves nothing half-loaded that would be used. Never unpickles.
+    """
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    head = _head(path, "Checkpoint")
+    if not _looks_like_safetensors(head, path.stat().st_size):
+        raise WeightsError(f"Checkpoint {path} is not a safetensors file, so metabench did not write it; restore "
+                           "the run's own checkpoint or run it again.")
+    expected = module.state_dict()
+    advice = "evaluate it with the learner and backbone it was trained with"
+    for key, value in _load_safetensors(path, "Checkpoint").items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise WeightsError(f"Checkpoint {path} does not fit {what}: key '{key}' has shape {tuple(value.shape)} "
+                               f"in the file but {tuple(expected[key].shape)} here; {advice}.")
+    missing, unexpected = load_model(module, str(path), strict=False)  # knows safetensors' shared-tensor dedup
+    if missing or unexpected:
+        first = f"key '{sorted(missing)[0]}' is missing from the file" if missing else \
+            f"key '{sorted(unexpected)[0]}' in the file is not in {what}"
+        more = len(missing) + len(unexpected) - 1
+        raise WeightsError(f"Checkpoint {path} does not fit {what}: {first}"
+                           f"{f' ({more} more keys differ)' if more else ''}; {advice}.")
 
 
 def _as_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
