@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -260,18 +261,69 @@ def main(argv: list[str] | None = None) -> int:
     if overrides:
         args.overrides = [*args.overrides, *overrides]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose or os.environ.get("METABENCH_DEBUG"):
-        load_plugins(args.plugin)
-        return args.func(args)
-    from metabench.registry import RegistryError
-    from metabench.results import ResultsError
+    return _run_guarded(args, debug=bool(args.verbose or os.environ.get("METABENCH_DEBUG")))
 
-    try:
-        load_plugins(args.plugin)
-        return args.func(args)
-    except (ConfigError, RegistryError, ResultsError, FileNotFoundError, ValueError, OSError) as err:
-        print(f"metabench: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("metabench: interrupted", file=sys.stderr)
-        return 130
+
+# --------------------------------------------------------------------------- errors: one line, nothing half-written
+
+
+def _run_guarded(args: argparse.Namespace, *, debug: bool) -> int:
+    """Run the command; bad input or a failed write is one stderr line and exit 2, Ctrl-C exit 130.
+
+    Either way, a run folder the command created but filled with no results is removed, and an
+    unfinished one with results is kept, marked "failed" or "interrupted", for ``run --resume``.
+    Anything else is a bug: its traceback is shown (as is every traceback with -v or METABENCH_DEBUG).
+    """
+    from metabench.registry import RegistryError
+    from metabench.results import ResultsError, watch_run_folders
+
+    with watch_run_folders() as runs:
+        try:
+            _load_plugins(args.plugin)
+            return args.func(args)
+        except KeyboardInterrupt:
+            kept = runs.abandon("interrupted", "stopped with Ctrl-C")
+            where = (f"the unfinished run is kept in {kept[0]} (status \"interrupted\"); continue it with "
+                     f"`metabench run --resume {kept[0]}`." if kept else "no unfinished run folder was left.")
+            print(f"metabench: interrupted (Ctrl-C); {where}", file=sys.stderr)
+            return 130
+        except (ConfigError, RegistryError, ResultsError, OSError, ValueError) as err:
+            message = _message(err)
+            kept = runs.abandon("failed", message)
+            if debug:
+                raise
+            if kept:
+                message += (f" The unfinished run {kept[0]} keeps its results so far (status \"failed\"); fix the "
+                            f"problem, then continue it with `metabench run --resume {kept[0]}`.")
+            print(f"metabench: error: {message}", file=sys.stderr)
+            return 2
+        except BaseException as err:  # a bug: tidy up, then show the traceback
+            runs.abandon("failed", f"{type(err).__name__}: {err}")
+            raise
+
+
+def _load_plugins(plugins: list[str]) -> None:
+    """Import each plugin; one that cannot be imported is a ConfigError naming it."""
+    for plugin in plugins:
+        try:
+            load_plugins([plugin])
+        except (ConfigError, FileNotFoundError):
+            raise
+        except ImportError as err:
+            raise ConfigError(f"Plugin {plugin} cannot be imported ({err}); install it, or pass the path of a "
+                              ".py file to --plugin.") from None
+        except Exception as err:
+            raise ConfigError(f"Plugin {plugin} failed while loading ({type(err).__name__}: {err}); fix it, or "
+                              f"leave out --plugin {plugin}.") from None
+
+
+def _message(err: BaseException) -> str:
+    """One line for ``err``; an operating-system error from a library names its file and what to do."""
+    from metabench.results import OutputError, write_error
+
+    if isinstance(err, OSError) and not isinstance(err, OutputError) and err.errno is not None:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            err = write_error(err)
+        elif err.filename is not None:
+            err = OSError(f"{err.filename}: {(err.strerror or str(err)).lower()}; check the path and its permissions.")
+    return " ".join(str(err).split())
