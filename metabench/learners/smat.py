@@ -106,6 +106,7 @@ class SMAT(SMATProbes, Learner):
         self.optimizers = self._make_optimizers()
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
         self._scaler: Any = None
+        self._eval_gates: tuple[tuple[tuple[int, int], ...], dict[str, Tensor] | None] | None = None  # (key, gates)
 
     @property
     def learns_masks(self) -> bool:
@@ -221,17 +222,22 @@ class SMAT(SMATProbes, Learner):
     def _task_loss(self, ep: Episode, gates: Mapping[str, Tensor] | None, *, sample: bool) -> _TaskOutcome:
         """The per-task meta-training objective (steps 1-4 of the module docstring)."""
         cfg, way = self.cfg, ep.way
-        pre_prototypes = self._pretrained_prototypes(ep.support_x, ep.support_y, way)
-        alpha, router_logits = self.router.alpha(pre_prototypes, self.temperature(), sample)
-        theta = self.experts.merge(self._base(), self.experts.updates(alpha, gates))
-        adapted, prototypes = self._inner_adapt(theta, ep.support_x, ep.support_y, way)
-        student = self.logits(self._features(adapted, ep.query_x), prototypes)
-        ce = F.cross_entropy(student, ep.query_y)
+        with torch.profiler.record_function("smat.router"):  # labels for benchmarks/training.py's profile; no effect otherwise
+            pre_prototypes = self._pretrained_prototypes(ep.support_x, ep.support_y, way)
+            alpha, router_logits = self.router.alpha(pre_prototypes, self.temperature(), sample)
+        with torch.profiler.record_function("smat.merge"):
+            theta = self.experts.merge(self._base(), self.experts.updates(alpha, gates))
+        with torch.profiler.record_function("smat.inner"):
+            adapted, prototypes = self._inner_adapt(theta, ep.support_x, ep.support_y, way)
+        with torch.profiler.record_function("smat.forward"):
+            student = self.logits(self._features(adapted, ep.query_x), prototypes)
+            ce = F.cross_entropy(student, ep.query_y)
         targets = []
         if cfg.teacher_steps > 0 and cfg.kd_weight > 0:
-            targets.append(self._teacher_logits(ep, adapted, prototypes, ce))
+            with torch.profiler.record_function("smat.teacher"):
+                targets.append(self._teacher_logits(ep, adapted, prototypes, ce))
         if cfg.kd_pretrained and cfg.kd_weight > 0:
-            with torch.no_grad():
+            with torch.no_grad(), torch.profiler.record_function("smat.teacher_pretrained"):
                 targets.append(self.logits(embed(self.backbone, ep.query_x, cfg.batch_size), pre_prototypes))
         kd = sum(distillation(student, t, cfg.kd_temperature, cfg.kd_direction) for t in targets) / max(1, len(targets))
         weight = cfg.kd_weight if targets else 0.0
@@ -243,25 +249,30 @@ class SMAT(SMATProbes, Learner):
 
     def meta_train_step(self, episodes: Sequence[Episode]) -> dict[str, float]:
         self._maybe_scaler()
+        self._eval_gates = None  # stale after this update; do not hold M x |theta| gates through training
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        cache = GateCache(self.experts, int(torch.randint(2**31 - 1, ()))) if self.learns_masks else None
-        gates = cache.z if cache is not None else self.experts.gates()
+        with torch.profiler.record_function("smat.masks"):
+            cache = GateCache(self.experts, int(torch.randint(2**31 - 1, ()))) if self.learns_masks else None
+            gates = cache.z if cache is not None else self.experts.gates()
         outcomes = []
         for ep in episodes:
             outcome = self._task_loss(ep, gates, sample=True)
-            self._backward(outcome.loss / len(episodes))
+            with torch.profiler.record_function("smat.backward"):
+                self._backward(outcome.loss / len(episodes))
             outcomes.append(outcome)
-        density = self.experts.density(gates)
-        if cache is not None and self.lagrangian is not None:
-            penalty = self.lagrangian.penalty(self.experts.expected_density())
-            if self.cfg.ortho_weight > 0:
-                penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(cache.z)
-            self._backward(penalty)
-            cache.flush()
+        with torch.profiler.record_function("smat.masks"):
+            density = self.experts.density(gates)
+            if cache is not None and self.lagrangian is not None:
+                penalty = self.lagrangian.penalty(self.experts.expected_density())
+                if self.cfg.ortho_weight > 0:
+                    penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(cache.z)
+                self._backward(penalty)
+                cache.flush()
         lr = self.optimizers["delta"].param_groups[0]["lr"]  # the rate this update used
-        self._step()
-        self.experts.clamp_()
+        with torch.profiler.record_function("smat.optimizer"):
+            self._step()
+            self.experts.clamp_()
         if self.lagrangian is not None:
             self.lagrangian.ascend(density, self.cfg.lambda_lr, self.cfg.lambda_reset)
             self._updates += 1
@@ -284,12 +295,23 @@ class SMAT(SMATProbes, Learner):
             prototypes = self._pretrained_prototypes(support.x, support.y, support.way)
             return self.router.alpha(prototypes, self.temperature(), sample=False)[0].float()
 
+    def _evaluation_gates(self) -> dict[str, Tensor] | None:
+        """The gates every evaluation task shares, recomputed only after a mask logit changed (an optimiser
+        step, a clamp or a checkpoint load bumps the tensor's version; a device move changes its storage).
+        For elementwise masks on a ViT-S, recomputing them cost half a forward pass of a 75-image episode."""
+        if not self.learns_masks:
+            return self.experts.gates()  # fixed masks are stored; dense experts have none
+        key = tuple((p.data_ptr(), p._version) for p in self.experts.mask_logits.values())
+        if self._eval_gates is None or self._eval_gates[0] != key:
+            self._eval_gates = (key, self.experts.gates())
+        return self._eval_gates[1]
+
     def _merged(self, alpha: Tensor) -> tuple[dict[str, Tensor], float]:
         """Merged targeted weights and the share of targeted entries the task's merged mask zeroes."""
         with torch.no_grad():
-            gates = self.experts.gates()
-            theta = self.experts.merge(self._base(), self.experts.updates(alpha, gates))
+            gates = self._evaluation_gates()
             masks = self.experts.merged_masks(alpha, gates) if gates is not None else None
+            theta = self.experts.merge(self._base(), self.experts.updates(alpha, gates, masks=masks))
             return theta, self.experts.zero_fraction(masks)
 
     def export_dense(self, support: Support) -> dict[str, Tensor]:

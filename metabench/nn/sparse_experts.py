@@ -245,13 +245,18 @@ class SparseInterpolatedExperts(nn.Module):
         """sum_m alpha_m z_m per target (``mask_shape``)."""
         return {k: torch.tensordot(alpha.to(z.dtype), z, dims=1) for k, z in gates.items()}
 
-    def updates(self, alpha: Tensor, gates: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-        """The task's update of every target: (sum_m alpha_m z_m) * delta, or sum_m alpha_m delta_m (dense)."""
+    def updates(self, alpha: Tensor, gates: Mapping[str, Tensor] | None,
+                masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The task's update of every target: (sum_m alpha_m z_m) * delta, or sum_m alpha_m delta_m (dense).
+
+        ``masks``: ``merged_masks(alpha, gates)`` when the caller already has them (an M x |theta| pass saved).
+        """
         if self.kind == "dense":
             return {k: torch.tensordot(alpha.to(d.dtype), d, dims=1) for k, d in self.delta.items()}
         if gates is None:
             raise ValueError("Masked experts need gates to merge.")
-        return {k: m * self.delta[k] for k, m in self.merged_masks(alpha, gates).items()}
+        masks = masks if masks is not None else self.merged_masks(alpha, gates)
+        return {k: m * self.delta[k] for k, m in masks.items()}
 
     def merge(self, base: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """theta_pre + update for every targeted parameter (untargeted rows keep theta_pre)."""
