@@ -70,8 +70,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from metabench.config import load_config
     from metabench.runs import execute
 
-    cfg = load_config(args.config, args.overrides, _flags(args))
-    outcome = execute(cfg, progress=not args.quiet)
+    if args.resume is not None:
+        if args.overrides or any(v is not None for v in _flags(args).values()) or args.config:
+            raise ConfigError("run --resume continues a run with its saved config; drop the other flags and "
+                              "key=value overrides.")
+        from metabench.runs import resume_run
+
+        outcome = resume_run(args.resume, progress=not args.quiet)
+    else:
+        cfg = load_config(args.config, args.overrides, _flags(args))
+        outcome = execute(cfg, progress=not args.quiet)
     _print_results(outcome.run_dir)
     _write_own_report(outcome.run_dir)
     return 0
@@ -201,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Meta-train (train.episodes > 0) then evaluate on the evaluation sources; "
                          "writes runs/<run_id>/ (manifest.json, config.yaml, episodes.parquet) and prints a table.")
     _common_run_args(run)
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue a killed or interrupted run from its last checkpoint (same results as an "
+                     "uninterrupted run)")
     run.set_defaults(func=cmd_run)
 
     ev = sub.add_parser("eval", help="evaluate a saved run, or a learner on a backbone with no training",

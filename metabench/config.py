@@ -74,6 +74,8 @@ class TrainConfig:
     val_every: int = 0  # zero-shot validation (val_id in train_log.jsonl) every this many updates (0: off)
     val_episodes: int = 10  # validation episodes per source (training sources' valid split, and val_ood_sources)
     val_ood_sources: list[str] = field(default_factory=list)  # OOD learning curve (val_ood): valid split, else test
+    checkpoint_every: int = 0  # save a resumable checkpoint every this many updates (0: by time only)
+    checkpoint_minutes: float = 10.0  # ... and whenever this much time passed since the last one (0: never by time)
 
 
 #: Evaluation protocols: "zero_shot" (prototypes only), "full" and "lora" (test-time fine-tuning, metabench.protocols).

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,20 +77,26 @@ def evaluate(
     total: int | None = None,
     progress: bool = True,
     on_episode: Callable[[Episode, object, str], None] | None = None,
+    skip: Container[tuple[str, str, str, int]] = (),
 ) -> Iterator[EpisodeRow]:
     """Adapt to each episode's support set and score its query set, one row per (episode, protocol).
 
     The learner is put in eval mode and is never changed: ``adapt`` returns a separate task state.
     Fine-tuning protocols get their learning rate from ``selector``, which sees the support set and
     the source name only (without one they use ``FineTuneOptions()``); query labels are read after
-    ``predict``, to score. ``seconds`` includes learning-rate selection.
+    ``predict``, to score. ``seconds`` includes learning-rate selection. ``skip`` holds the
+    (source, episode_id, mode, steps) results that exist already (a resumed run); an episode whose
+    protocols are all skipped is passed to ``on_episode`` with a None state.
     """
     learner.eval()
     bar = tqdm(episodes, total=total, desc="evaluate", unit="ep", disable=None if progress else True, dynamic_ncols=True)
     running: list[float] = []
     for episode in bar:
         episode = episode.to(device)
-        for protocol in protocols:
+        todo = [p for p in protocols if (episode.source, episode.episode_id, p.mode, p.steps) not in skip]
+        if not todo and on_episode is not None:
+            on_episode(episode, None, ctx.domains.get(episode.source, "id"))
+        for protocol in todo:
             start = time.perf_counter()
             grad = torch.enable_grad() if protocol.fine_tunes else torch.no_grad()
             with grad, autocast(device, precision):
@@ -125,7 +131,8 @@ def evaluate(
                 sparsity=float(getattr(state, "sparsity", math.nan)),
                 seconds=seconds,
             )
-        bar.set_postfix(source=episode.source, acc=f"{100 * sum(running) / len(running):.1f}")
+        if running:
+            bar.set_postfix(source=episode.source, acc=f"{100 * sum(running) / len(running):.1f}")
 
 
 def select_learning_rates(
@@ -160,14 +167,24 @@ def meta_train(
     on_log: Callable[[dict[str, float]], None] | None = None,
     on_update: Callable[[list[Episode], int, int], None] | None = None,
     progress: bool = True,
+    start_update: int = 0,
+    restore: Callable[[], None] | None = None,
 ) -> None:
-    """Feed batches of ``tasks_per_update`` training episodes to ``learner.meta_train_step``."""
+    """Feed batches of ``tasks_per_update`` training episodes to ``learner.meta_train_step``.
+
+    Resuming: ``episodes`` starts at task ``start_update * tasks_per_update`` and ``restore`` (called
+    after ``setup_training`` built the schedules) loads the checkpointed state.
+    """
     learner.setup_training(math.ceil(n_tasks / tasks_per_update))
+    stream = iter(episodes)  # before restore: starting a DataLoader draws from the global RNG
+    if restore is not None:
+        restore()
     learner.train()
-    bar = tqdm(total=n_tasks, desc="meta-train", unit="task", disable=None if progress else True, dynamic_ncols=True)
+    seen, update = start_update * tasks_per_update, start_update
+    bar = tqdm(total=n_tasks, initial=seen, desc="meta-train", unit="task", disable=None if progress else True,
+               dynamic_ncols=True)
     batch: list[Episode] = []
-    seen, update = 0, 0
-    for episode in episodes:
+    for episode in stream:
         batch.append(episode.to(device))
         if len(batch) < tasks_per_update:
             continue

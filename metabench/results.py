@@ -44,6 +44,7 @@ MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 EPISODES = "episodes.parquet"
 TRAIN_LOG = "train_log.jsonl"
+PARTIAL = "episodes.partial.jsonl"  # rows appended as they are produced; folded into EPISODES at the end
 
 
 def _umask() -> int:
@@ -112,6 +113,11 @@ class EpisodeRow:
     sparsity: float  # fraction of zero entries in the task update (nan when not applicable)
     seconds: float  # adapt + predict wall time
 
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        """What identifies a result: (source, episode_id, mode, steps)."""
+        return str(self.source), str(self.episode_id), str(self.mode), int(self.steps)
+
 
 EPISODE_COLUMNS: list[str] = [f.name for f in fields(EpisodeRow)]
 
@@ -166,12 +172,38 @@ class RunWriter:
         with open(self.run_dir / TRAIN_LOG, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
 
-    def add_rows(self, rows: Iterable[EpisodeRow]) -> None:
+    def add_rows(self, rows: Iterable[EpisodeRow], *, persist: bool = False) -> None:
+        """Keep ``rows`` for ``flush``; with ``persist``, also append them to ``episodes.partial.jsonl`` at
+        once, so a crash loses no finished episode."""
+        rows = list(rows)
         self.rows.extend(rows)
+        if persist and rows:
+            with open(self.run_dir / PARTIAL, "a") as f:
+                f.write("".join(json.dumps(asdict(r)) + "\n" for r in rows))
+                f.flush()
+
+    def recover_rows(self) -> list[EpisodeRow]:
+        """Rows an interrupted run already produced (its ``episodes.parquet``, then the partial file; a torn
+        last line is dropped); they are kept for ``flush``."""
+        found: dict[tuple, EpisodeRow] = {}
+        if (self.run_dir / EPISODES).exists():
+            for record in pd.read_parquet(self.run_dir / EPISODES).to_dict("records"):
+                row = EpisodeRow(**record)
+                found[row.key] = row
+        if (self.run_dir / PARTIAL).exists():
+            for line in (self.run_dir / PARTIAL).read_text().splitlines():
+                try:
+                    row = EpisodeRow(**json.loads(line))
+                except (ValueError, TypeError):
+                    continue
+                found[row.key] = row
+        self.rows = list(found.values())
+        return self.rows
 
     @_writes
-    def flush(self) -> Path:
-        """Write all rows so far (after the kept earlier rows, when appending) to ``episodes.parquet``."""
+    def flush(self, final: bool = False) -> Path:
+        """Write all rows so far (after the kept earlier rows, when appending) to ``episodes.parquet``;
+        ``final`` also removes the partial file the rows were appended to."""
         path = self.run_dir / EPISODES
         frame = pd.DataFrame([asdict(r) for r in self.rows], columns=EPISODE_COLUMNS)
         if self._previous is not None:
@@ -186,6 +218,8 @@ class RunWriter:
             os.replace(tmp_path, path)
         finally:
             tmp_path.unlink(missing_ok=True)
+        if final:
+            (self.run_dir / PARTIAL).unlink(missing_ok=True)
         return path
 
 

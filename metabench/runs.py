@@ -8,7 +8,6 @@ import logging
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,18 @@ from episodes.readers.base import Source
 from episodes.sampler import check_split
 from metabench.backbones import Backbone, create_backbone
 from metabench.config import ConfigError, RunConfig, load_config, to_yaml
-from metabench.engine import EvalContext, evaluate, meta_train, resolve_precision, select_device, select_learning_rates
+from metabench.engine import EvalContext, evaluate, resolve_precision, select_device, select_learning_rates
 from metabench.learners import create_learner
 from metabench.learners.base import Learner
 from metabench.probes import ProbeRecorder
-from metabench.validation import Validator
+from metabench.training import CHECKPOINT, load_learner_state, run_training
 from metabench.lr_selection import LrSelector
 from metabench.protocols import Protocol, plan_protocols
 from metabench.results import RunWriter, load_run
 
-__all__ = ["RunOutcome", "build_sources", "eval_saved_run", "execute", "plan_eval"]
+__all__ = ["RunOutcome", "build_sources", "eval_saved_run", "execute", "plan_eval", "resume_run"]
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoints/learner.safetensors"
 _VALID_SEED_OFFSET = 10_007  # lr-selection episodes never coincide with evaluation episodes of eval.split=valid
 
 
@@ -108,34 +106,6 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _train(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer: RunWriter,
-           device: torch.device, precision: str, progress: bool, recorder: ProbeRecorder) -> None:
-    if cfg.train.episodes == 0:
-        return
-    if not learner.meta_trainable:
-        log.info('Learner "%s" has no meta-training phase; skipping %d training episodes.', cfg.learner.name, cfg.train.episodes)
-        return
-    train_sources = [sources[n] for n in cfg.data.train_sources]
-    augment = TrainAugment() if cfg.data.augment else None
-    episode_set = EpisodeSet(train_sources, Split.TRAIN, cfg.data.train_sampler, cfg.train.episodes, seed=cfg.seed,
-                             image_size=cfg.data.image_size, per_source=False, augment=augment)
-    loader = make_loader(episode_set, num_workers=cfg.data.num_workers)
-    validator = Validator(cfg, learner, train_sources, writer, device, precision,
-                          ood_sources=[sources[n] for n in cfg.train.val_ood_sources])
-    meta_train(learner, loader, n_tasks=cfg.train.episodes, tasks_per_update=cfg.train.tasks_per_update,
-               device=device, precision=precision, log_every=cfg.train.log_every, on_log=writer.log_train,
-               on_update=_both(recorder.on_train_update, validator), progress=progress)
-    save_learner(learner, writer.run_dir / CHECKPOINT)
-
-
-def _both(*hooks: Callable[..., None]) -> Callable[..., None]:
-    """One ``on_update`` hook that calls several."""
-    def call(*args: Any) -> None:
-        for hook in hooks:
-            hook(*args)
-    return call
-
-
 def _eval_episodes(cfg: RunConfig, sources: dict[str, Source]) -> EpisodeSet:
     """The evaluation episodes: a frozen suite when ``eval.suite`` names one, else sampled from the seed."""
     eval_sources = [sources[n] for n in cfg.data.eval_sources]
@@ -180,49 +150,36 @@ def _validation_episodes(cfg: RunConfig, sources: dict[str, Source]) -> dict[str
 
 def _evaluate(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer: RunWriter, run_id: str,
               device: torch.device, precision: str, progress: bool,
-              protocols: list[Protocol], recorder: ProbeRecorder) -> dict[str, Any] | None:
-    """Evaluate ``protocols`` on the evaluation episodes; returns the learning-rate record (None: no fine-tuning)."""
+              protocols: list[Protocol], recorder: ProbeRecorder, persist: bool = False,
+              episode_set: EpisodeSet | None = None) -> dict[str, Any] | None:
+    """Evaluate ``protocols`` on the evaluation episodes; returns the learning-rate record (None: no fine-tuning).
+
+    With ``persist``, each row is appended to the run's partial file as it is produced, and rows the
+    writer already holds (a resumed run) are not evaluated again.
+    """
     selector = LrSelector.from_eval(cfg.eval, seed=cfg.seed)
     tuning = [p for p in protocols if p.fine_tunes]
     if tuning and selector.wants_validation:
         select_learning_rates(learner, selector, _validation_episodes(cfg, sources), tuning,
                               device=device, precision=precision)
-    episode_set = _eval_episodes(cfg, sources)
+    episode_set = episode_set if episode_set is not None else _eval_episodes(cfg, sources)
     ctx = EvalContext(run_id, cfg.learner.name, cfg.backbone.name, {n: s.domain for n, s in sources.items()})
     rows = evaluate(learner, make_loader(episode_set, num_workers=cfg.data.num_workers), ctx,
                     protocols=protocols, device=device, precision=precision, selector=selector,
-                    total=len(episode_set), progress=progress, on_episode=recorder.on_eval_episode)
+                    total=len(episode_set), progress=progress, on_episode=recorder.on_eval_episode,
+                    skip={r.key for r in writer.rows} if persist else ())
     for row in rows:
-        writer.add_rows([row])
-    writer.flush()
+        writer.add_rows([row], persist=persist)
+    writer.flush(final=persist)
     return selector.record() if tuning else None
 
 
-def save_learner(learner: Learner, path: Path) -> None:
-    """Save the learner's full state as safetensors (no pickled code), atomically."""
-    from safetensors.torch import save_model
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_model(learner, str(tmp))
-    tmp.replace(path)
-
-
-def load_learner_state(learner: Learner, path: Path) -> None:
-    from safetensors.torch import load_model
-
-    missing, unexpected = load_model(learner, str(path), strict=False)
-    if missing or unexpected:
-        bad = (missing or unexpected)[0]
-        raise ValueError(f"Checkpoint {path} does not match learner \"{learner.cfg.name}\" (first bad key: {bad}); "
-                         "evaluate it with the learner and backbone it was trained with.")
-
-
 def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None,
-            modes: list[str] | None = None, steps: list[int] | None = None) -> RunOutcome:
+            modes: list[str] | None = None, steps: list[int] | None = None, resume: bool = False) -> RunOutcome:
     """Run ``cfg`` end to end (meta-train when configured, then evaluate) and write its run folder.
 
-    ``modes`` and ``steps`` replace eval.modes and [eval.steps] (see ``plan_eval``).
+    ``modes`` and ``steps`` replace eval.modes and [eval.steps] (see ``plan_eval``). ``resume``
+    continues the unfinished run in ``run_dir`` (see ``resume_run``).
     """
     _seed_everything(cfg.seed)
     device = select_device(cfg.device)
@@ -233,22 +190,48 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
                                allow_download=cfg.backbone.allow_download)
     learner = create_learner(cfg.learner.name, backbone, cfg.learner).to(device)
     protocols = plan_eval(cfg, learner, modes, steps)
+    # Episodes that cannot be drawn are reported before the run folder exists.
+    if cfg.train.episodes and learner.meta_trainable:
+        for name in cfg.data.train_sources:
+            check_split(sources[name].spec, Split.TRAIN, cfg.data.train_sampler)
+    eval_set = _eval_episodes(cfg, sources)
     run_id = run_dir.name if run_dir is not None else _run_id(cfg)
     writer = RunWriter(run_dir or Path(cfg.out_dir) / run_id)
     manifest = _manifest(cfg, run_id, backbone, learner, sources, device, precision)
-    writer.write_config(to_yaml(cfg))
+    if resume:
+        manifest, _ = load_run(writer.run_dir)
+        manifest.update(status="running")
+        manifest.setdefault("resumed", []).append(_now())
+        log.info("Resuming run %s: %d results kept.", run_id, len(writer.recover_rows()))
+    else:
+        writer.write_config(to_yaml(cfg))
     writer.write_manifest(manifest)
-    recorder = ProbeRecorder(learner, writer.run_dir, grad_every=cfg.train.probe_every)
-    _train(cfg, learner, sources, writer, device, precision, progress, recorder)
+    recorder = ProbeRecorder(learner, writer.run_dir, grad_every=cfg.train.probe_every, append=resume)
+    run_training(cfg, learner, sources, writer, device, precision, progress, recorder, resume=resume)
     manifest["protocols"] = [p.label for p in protocols]
-    lr_record = _evaluate(cfg, learner, sources, writer, run_id, device, precision, progress, protocols, recorder)
+    lr_record = _evaluate(cfg, learner, sources, writer, run_id, device, precision, progress, protocols,
+                          recorder, persist=True, episode_set=eval_set)
     recorder.finish()
     if lr_record is not None:
         manifest["lr_selection"] = lr_record
-    manifest.update(status="finished", finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    learner=learner.describe())
+    manifest.update(status="finished", finished=_now(), learner=learner.describe())
     writer.write_manifest(manifest)
     return RunOutcome(writer.run_dir, manifest)
+
+
+def resume_run(run_dir: Path, *, progress: bool = True) -> RunOutcome:
+    """Continue a run that was killed or interrupted: its config, its last training checkpoint, and only
+    the evaluation episodes it had not finished. Same seed, same results as an uninterrupted run."""
+    run_dir = Path(run_dir)
+    manifest, _ = load_run(run_dir)
+    if manifest.get("status") == "finished":
+        raise ConfigError(f"Run {run_dir} has finished already; evaluate it further with `metabench eval --run {run_dir}`.")
+    cfg = load_config(run_dir / "config.yaml")
+    return execute(cfg, progress=progress, run_dir=run_dir, resume=True)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | None = None,

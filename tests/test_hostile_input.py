@@ -393,8 +393,6 @@ def test_learner_checkpoint_checks(kind: str, trained: dict[str, Path], tmp_path
     load_checkpoint_into(learner, trained["pmf"] / CHECKPOINT, 'learner "pmf" on backbone vit_test')  # its own fits
 
 
-@pytest.mark.xfail(strict=True, reason="until metabench/training.py load_learner_state calls "
-                   "metabench.weights.load_checkpoint_into, a swapped checkpoint is a traceback")
 @pytest.mark.parametrize("kind", list(CHECKPOINT_CASES))
 def test_eval_of_a_run_whose_checkpoint_was_swapped(kind: str, trained: dict[str, Path], tmp_path: Path,
                                                     capsys) -> None:

@@ -14,7 +14,7 @@ from metabench.config import EVAL_MODES
 from metabench.learners import create_learner, list_learners
 from metabench.nn.heads import class_prototypes, cosine_logits
 from metabench.protocols import FineTuneOptions
-from metabench.runs import load_learner_state, save_learner
+from metabench.training import load_learner_state, save_learner
 
 
 def _episode(seed: int, way: int = 5, shots: int = 3, queries: int = 4, size: int = 32) -> Episode:
@@ -83,6 +83,32 @@ def test_checkpoint_round_trip_gives_identical_logits(learner_name: str, tmp_pat
     ep = _episode(6)
     assert torch.equal(learner.predict(learner.adapt(ep.support), ep.query_x),
                        fresh.predict(fresh.adapt(ep.support), ep.query_x))
+
+
+def test_training_checkpoint_resumes_exactly(learner_name: str, tmp_path: Path) -> None:
+    """Two updates in one go equal one update, a checkpoint, a fresh learner restored from it, one more update."""
+    from metabench.checkpoint import load_training_checkpoint, read_position, save_training_checkpoint
+
+    learner = _learner(learner_name)
+    if not learner.meta_trainable:
+        pytest.skip(f"{learner_name} has no meta-training phase")
+    ident = {"learner": learner_name, "backbone": "vit_test"}
+    learner.setup_training(4)
+    learner.train()
+    learner.meta_train_step([_episode(10)])
+    save_training_checkpoint(tmp_path, learner, update=1, tasks=1, identity=ident)
+    expected = learner.meta_train_step([_episode(11)])
+    state = {k: v.clone() for k, v in learner.state_dict().items()}
+
+    torch.manual_seed(123)  # a fresh process: other RNG state, other initial weights
+    restored = create_learner(learner_name, create_backbone("vit_test"))
+    restored.setup_training(4)
+    load_training_checkpoint(tmp_path, read_position(tmp_path), restored, ident)
+    restored.train()
+    assert restored.meta_train_step([_episode(11)]) == expected
+    assert all(torch.equal(state[k], v) for k, v in restored.state_dict().items())
+    with pytest.raises(ValueError, match="belongs to"):
+        load_training_checkpoint(tmp_path, read_position(tmp_path), restored, {**ident, "backbone": "vit_small"})
 
 
 def test_zero_shot_is_deterministic(learner_name: str) -> None:

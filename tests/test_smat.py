@@ -22,7 +22,7 @@ from metabench.probes import (
     ProbeRecorder,
     gradient_alignment,
 )
-from metabench.runs import load_learner_state, save_learner
+from metabench.training import load_learner_state, save_learner
 
 ABLATIONS = ("softmerge", "smat_random", "smat_magnitude")
 

@@ -10,7 +10,7 @@ import math
 from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +82,33 @@ class Learner(nn.Module, ABC):
 
     def setup_training(self, total_updates: int) -> None:
         """Called once before meta-training with the number of outer updates (for schedules)."""
+
+    def _training_objects(self) -> dict[str, Any]:
+        """Optimisers, LR schedulers and grad scalers held in attributes (also inside dicts and lists)."""
+        kinds = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler)
+        found: dict[str, Any] = {}
+        for name, value in sorted(vars(self).items()):
+            items = (value.items() if isinstance(value, dict) else enumerate(value)
+                     if isinstance(value, (list, tuple)) else [(None, value)])
+            for key, item in items:
+                if isinstance(item, kinds):
+                    found[name if key is None else f"{name}.{key}"] = item
+        return found
+
+    def training_state(self) -> dict[str, Any]:
+        """What resuming meta-training needs beyond ``state_dict()``: the state of every optimiser, scheduler
+        and grad scaler found among the attributes. Override (and call super) to add counters."""
+        return {"objects": {name: obj.state_dict() for name, obj in self._training_objects().items()}}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Inverse of ``training_state``, after ``setup_training`` has built the schedulers."""
+        objects = self._training_objects()
+        saved = state.get("objects", {})
+        if set(saved) != set(objects):
+            raise ValueError(f'Saved training state has {sorted(saved)}, learner "{self.cfg.name}" has '
+                             f"{sorted(objects)}; resume with the learner and options it was trained with.")
+        for name, obj in objects.items():
+            obj.load_state_dict(saved[name])
 
     def meta_train_step(self, episodes: Sequence[Episode]) -> dict[str, float]:
         """One outer update from a batch of training episodes, including backward and optimiser steps.

@@ -139,6 +139,16 @@ class SMAT(SMATProbes, Learner):
         schedule = partial(warmup_cosine, warmup=warmup, total=max(1, total_updates))
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in self.optimizers.values()]
 
+    def training_state(self) -> dict[str, Any]:
+        return {**super().training_state(), "updates": self._updates}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        super().load_training_state(state)
+        self._updates = int(state["updates"])
+        if self.lagrangian is not None:
+            ramp = self.cfg.sparsity_warmup * self._total_updates
+            self.lagrangian.set_progress(self._updates / ramp if ramp > 0 else 1.0)
+
     def temperature(self) -> float:
         cfg = self.cfg
         return max(cfg.temperature_min, cfg.temperature_start - float(self.tasks_seen) / cfg.temperature_decay)
