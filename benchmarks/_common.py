@@ -123,8 +123,29 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """High-water mark of this process's resident set (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """High-water mark of this process's resident set since it started its program (VmHWM).
+
+    Not ``getrusage().ru_maxrss``: Linux carries that across fork and exec, so a child started by a
+    parent holding 8 GB reported 8 GB whatever it did (and RUSAGE_CHILDREN inherits the same value).
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
+
+
+def release_memory() -> None:
+    """Drop dead learners and hand freed heap pages back to the OS, so the large RSS one suite leaves
+    behind does not stay with the parent (and with the children it forks) for the next suites."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # -- timing -----------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from benchmarks._common import (
     print_table,
     print_targets,
     quiet_logs,
+    release_memory,
     suite_result,
     summary,
     timed,
@@ -106,12 +107,12 @@ def zero_shot(alias: str, n_episodes: int, dev: Any) -> dict[str, Any]:
             for kind in pair:
                 args = (_raw, learners[label].backbone, images) if kind == "raw" else (_zero_shot, learners[label], ep)
                 times[label][kind].append(timed(dev, *args))
-    n_images = sum(int(ep.support_x.shape[0] + ep.query_x.shape[0]) for ep in episodes[:n_episodes])
+    n_images = int(episodes[0].support_x.shape[0] + episodes[0].query_x.shape[0])  # every episode has as many
     rows = {}
-    for label, t in times.items():
+    for label, t in times.items():  # medians throughout: one preempted call must not move a row
         rows[label] = {"learner": LEARNERS[label][0], "options": LEARNERS[label][1],
-                       "raw_images_per_s": round(n_images / sum(t["raw"]), 1),
-                       "zero_shot_images_per_s": round(n_images / sum(t["zero_shot"]), 1),
+                       "raw_images_per_s": round(n_images / summary(t["raw"])["median"], 1),
+                       "zero_shot_images_per_s": round(n_images / summary(t["zero_shot"])["median"], 1),
                        "zero_shot_seconds_per_episode": summary(t["zero_shot"])["median"],
                        "ratio": round(paired_ratio(t["raw"], t["zero_shot"]), 3)}
     return {"image_size": image_size_of(alias), "episode": EPISODE, "episodes": n_episodes, "learners": rows}
@@ -140,6 +141,7 @@ def fine_tuning(alias: str, n_episodes: int, steps: int, dev: Any) -> dict[str, 
     for r, order in enumerate(abba(list(times), n_episodes)):
         for mode in order:
             times[mode].append(timed(dev, protocol, mode, episodes[r], 0 if mode == "zero_shot" else steps))
+    release_memory()
     rows = {}
     for mode in ("full", "lora"):
         per_step = max(0.0, sum(a - b for a, b in zip(times[mode], times["zero_shot"])) / (steps * n_episodes))
@@ -161,7 +163,10 @@ def run(mode: Mode = "quick", out_dir: Path | None = None, context: dict[str, An
     """The evaluation suite (see the module docstring)."""
     quiet_logs()
     started, dev, budget = time.perf_counter(), device(), BUDGETS[mode]
-    zs = {alias: zero_shot(alias, n, dev) for alias, n in budget["episodes"].items()}
+    zs = {}
+    for alias, n in budget["episodes"].items():
+        zs[alias] = zero_shot(alias, n, dev)
+        release_memory()
     ft = {alias: fine_tuning(alias, n, steps, dev) for alias, (n, steps) in budget["finetune"].items()}
     return suite_result("evaluation", mode, started, {"zero_shot": zs, "fine_tuning": ft}, _targets(zs))
 

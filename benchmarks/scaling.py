@@ -130,6 +130,7 @@ def scale(alias: str, rounds: int, largest: int, warmup: bool, dev: Any) -> dict
 def plot(curves: dict[str, Any], path: Path) -> Path:
     """Two log-log panels (meta-train step, zero-shot episode), one line per learner and backbone."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -142,10 +143,13 @@ def plot(curves: dict[str, Any], path: Path) -> Path:
                 pts = [(s, t) for s, t in zip(c["support_sizes"], kinds[kind]) if t]
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=f"{label} ({alias})")
+    sizes = sorted({s for c in curves.values() for s in c["support_sizes"]})
     for ax, title in zip(axes, ("meta-training step", "zero-shot episode (adapt + predict)")):
         ax.set(xscale="log", yscale="log", xlabel="support images (way x shot)", ylabel="seconds", title=title)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)  # the zero-shot panel has every learner (pre does not meta-train)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
