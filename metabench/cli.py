@@ -80,9 +80,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides, _flags(args))
         outcome = execute(cfg, progress=not args.quiet)
+    if not _finish_ranks():
+        return 0
     _print_results(outcome.run_dir)
     _write_own_report(outcome.run_dir)
     return 0
+
+
+def _finish_ranks() -> bool:
+    """Under torchrun, wait for every rank and leave the group; True on the rank that reports (rank 0)."""
+    from metabench.distributed import is_main, shutdown
+
+    main = is_main()
+    shutdown()
+    return main
 
 
 def _write_own_report(run_dir: Path) -> None:
@@ -104,6 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, [*args.overrides, "train.episodes=0"], _flags(args))
         outcome = execute(cfg, progress=not args.quiet, modes=args.mode, steps=args.steps)
+    if not _finish_ranks():
+        return 0
     _print_results(outcome.run_dir)
     return 0
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from episodes.episode import Episode
+from metabench.distributed import average_metrics, grad_sync, is_main, world_size
 from metabench.learners.base import Learner
 from metabench.lr_selection import LrSelector
 from metabench.protocols import Protocol
@@ -173,29 +174,34 @@ def meta_train(
     """Feed batches of ``tasks_per_update`` training episodes to ``learner.meta_train_step``.
 
     Resuming: ``episodes`` starts at task ``start_update * tasks_per_update`` and ``restore`` (called
-    after ``setup_training`` built the schedules) loads the checkpointed state.
+    after ``setup_training`` built the schedules) loads the checkpointed state. Under torchrun each
+    rank's ``episodes`` is its share, ``tasks_per_update / world_size`` tasks per update
+    (``metabench.distributed``); counts and metrics are global.
     """
+    ranks = world_size()
+    local_batch = tasks_per_update // ranks
     learner.setup_training(math.ceil(n_tasks / tasks_per_update))
     stream = iter(episodes)  # before restore: starting a DataLoader draws from the global RNG
     if restore is not None:
         restore()
     learner.train()
     seen, update = start_update * tasks_per_update, start_update
-    bar = tqdm(total=n_tasks, initial=seen, desc="meta-train", unit="task", disable=None if progress else True,
-               dynamic_ncols=True)
+    bar = tqdm(total=n_tasks, initial=seen, desc="meta-train", unit="task",
+               disable=None if progress and is_main() else True, dynamic_ncols=True)
     batch: list[Episode] = []
     for episode in stream:
         batch.append(episode.to(device))
-        if len(batch) < tasks_per_update:
+        if len(batch) < local_batch:
             continue
         start = time.perf_counter()
-        with autocast(device, precision):
+        with autocast(device, precision), grad_sync():
             metrics = learner.meta_train_step(batch)
-        seen += len(batch)
+        metrics = average_metrics(metrics)
+        seen += len(batch) * ranks
         update += 1
         if on_update is not None:  # probes (e.g. meta-gradient alignment) on this batch
             on_update(batch, update, seen)
-        bar.update(len(batch))
+        bar.update(len(batch) * ranks)
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
         if on_log is not None and (update % log_every == 0 or seen >= n_tasks):
             on_log({"update": update, "tasks": seen, "seconds": time.perf_counter() - start, **metrics})

@@ -26,6 +26,7 @@ import pandas as pd
 __all__ = [
     "EPISODE_COLUMNS",
     "EpisodeRow",
+    "FollowerRunWriter",
     "OutputError",
     "RunFolders",
     "RunWriter",
@@ -358,3 +359,28 @@ def summarize(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
         mean, half, n = ci95(group["accuracy"])
         out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "accuracy": 100 * mean, "ci95": 100 * half, "n": n})
     return pd.DataFrame(out, columns=[*by, "accuracy", "ci95", "n"])
+
+
+class FollowerRunWriter(RunWriter):
+    """The writer of ranks other than 0 in a multi-process run: it knows the run folder (to read
+    checkpoints and finished rows when resuming) and keeps rows in memory, but writes nothing."""
+
+    def __init__(self, run_dir: str | Path) -> None:  # no folder is created
+        self.run_dir = Path(run_dir)
+        self.rows = []
+        self._previous = None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        pass
+
+    def write_config(self, yaml_text: str) -> None:
+        pass
+
+    def log_train(self, record: dict[str, Any]) -> None:
+        pass
+
+    def add_rows(self, rows: Iterable[EpisodeRow], *, persist: bool = False) -> None:
+        self.rows.extend(rows)
+
+    def flush(self, final: bool = False) -> Path:
+        return self.run_dir / EPISODES

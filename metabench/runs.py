@@ -8,12 +8,14 @@ import logging
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 from omegaconf import OmegaConf
 
 import metabench
@@ -24,6 +26,7 @@ from episodes.readers.base import Source
 from episodes.sampler import check_split
 from metabench.backbones import Backbone, create_backbone
 from metabench.config import ConfigError, RunConfig, load_config, to_yaml
+from metabench.distributed import gather_to_rank0, init_from_env, is_main, shard, share_from_rank0, world_size
 from metabench.engine import EvalContext, evaluate, resolve_precision, select_device, select_learning_rates
 from metabench.learners import create_learner
 from metabench.learners.base import Learner
@@ -31,7 +34,7 @@ from metabench.probes import ProbeRecorder
 from metabench.training import CHECKPOINT, load_learner_state, run_training
 from metabench.lr_selection import LrSelector
 from metabench.protocols import Protocol, plan_protocols
-from metabench.results import RunWriter, load_run
+from metabench.results import EpisodeRow, FollowerRunWriter, RunWriter, load_run
 
 __all__ = ["RunOutcome", "build_sources", "eval_saved_run", "execute", "plan_eval", "resume_run"]
 
@@ -164,14 +167,45 @@ def _evaluate(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writ
                               device=device, precision=precision)
     episode_set = episode_set if episode_set is not None else _eval_episodes(cfg, sources)
     ctx = EvalContext(run_id, cfg.learner.name, cfg.backbone.name, {n: s.domain for n, s in sources.items()})
-    rows = evaluate(learner, make_loader(episode_set, num_workers=cfg.data.num_workers), ctx,
-                    protocols=protocols, device=device, precision=precision, selector=selector,
-                    total=len(episode_set), progress=progress, on_episode=recorder.on_eval_episode,
-                    skip={r.key for r in writer.rows} if persist else ())
+    mine = shard(len(episode_set))  # all of them in a single process
+    order: dict[tuple[str, str], int] = {}
+
+    def numbered(stream: Iterable[Episode]) -> Iterator[Episode]:
+        for index, episode in zip(mine, stream):
+            order[(episode.source, episode.episode_id)] = index
+            yield episode
+
+    loader = make_loader(Subset(episode_set, mine) if world_size() > 1 else episode_set,  # type: ignore[arg-type]
+                         num_workers=cfg.data.num_workers)
+    kept = list(writer.rows)
+    rows = evaluate(learner, numbered(loader), ctx, protocols=protocols, device=device, precision=precision,
+                    selector=selector, total=len(mine), progress=progress and is_main(),
+                    on_episode=recorder.on_eval_episode, skip={r.key for r in kept} if persist else ())
+    new = []
     for row in rows:
         writer.add_rows([row], persist=persist)
+        new.append(row)
+    if world_size() > 1:
+        _merge_shards(writer, recorder, kept, new, order, protocols)
     writer.flush(final=persist)
     return selector.record() if tuning else None
+
+
+def _merge_shards(writer: RunWriter, recorder: ProbeRecorder, kept: list[EpisodeRow], new: list[EpisodeRow],
+                  order: dict[tuple[str, str], int], protocols: list[Protocol]) -> None:
+    """Rank 0 collects every rank's rows (and expert scores) in the order one process would produce."""
+    parts = gather_to_rank0([(order, new, recorder.scores)])
+    if not is_main():
+        return
+    everything, rows, scores = {}, list(kept), []
+    for [(part_order, part_rows, part_scores)] in parts:
+        everything.update(part_order)
+        rows += part_rows
+        scores += part_scores
+    position = {(p.mode, p.steps): i for i, p in enumerate(protocols)}
+    writer.rows = sorted(rows, key=lambda r: (everything.get((r.source, r.episode_id), -1),
+                                              position.get((r.mode, r.steps), len(position))))
+    recorder.scores = list({(s["episode_id"], s["expert"]): s for s in scores}.values())
 
 
 def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None,
@@ -182,7 +216,7 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
     continues the unfinished run in ``run_dir`` (see ``resume_run``).
     """
     _seed_everything(cfg.seed)
-    device = select_device(cfg.device)
+    device = select_device(init_from_env(cfg.device))
     precision = resolve_precision(cfg.precision, device)
     sources = build_sources([*cfg.data.train_sources, *cfg.train.val_ood_sources, *cfg.data.eval_sources]
                             if cfg.train.episodes else cfg.data.eval_sources, cfg.data.root)
@@ -195,8 +229,9 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
         for name in cfg.data.train_sources:
             check_split(sources[name].spec, Split.TRAIN, cfg.data.train_sampler)
     eval_set = _eval_episodes(cfg, sources)
-    run_id = run_dir.name if run_dir is not None else _run_id(cfg)
-    writer = RunWriter(run_dir or Path(cfg.out_dir) / run_id)
+    run_id = share_from_rank0(run_dir.name if run_dir is not None else _run_id(cfg))
+    folder = run_dir or Path(cfg.out_dir) / run_id
+    writer = RunWriter(folder) if is_main() else FollowerRunWriter(folder)
     manifest = _manifest(cfg, run_id, backbone, learner, sources, device, precision)
     if resume:
         manifest, _ = load_run(writer.run_dir)
@@ -211,10 +246,11 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
     manifest["protocols"] = [p.label for p in protocols]
     lr_record = _evaluate(cfg, learner, sources, writer, run_id, device, precision, progress, protocols,
                           recorder, persist=True, episode_set=eval_set)
-    recorder.finish()
+    if is_main():
+        recorder.finish()
     if lr_record is not None:
         manifest["lr_selection"] = lr_record
-    manifest.update(status="finished", finished=_now(), learner=learner.describe())
+    manifest.update(status="finished", finished=_now(), learner=learner.describe(), world_size=world_size())
     writer.write_manifest(manifest)
     return RunOutcome(writer.run_dir, manifest)
 
@@ -248,7 +284,7 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | No
     manifest, _ = load_run(run_dir)
     cfg = load_config(run_dir / "config.yaml", overrides)
     _seed_everything(cfg.seed)
-    device = select_device(cfg.device)
+    device = select_device(init_from_env(cfg.device))
     precision = resolve_precision(cfg.precision, device)
     sources = build_sources(cfg.data.eval_sources, cfg.data.root)
     backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights, allow_download=cfg.backbone.allow_download)
@@ -257,11 +293,12 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | No
         load_learner_state(learner, run_dir / CHECKPOINT)
     learner.to(device)
     protocols = plan_eval(cfg, learner, modes, steps)
-    writer = RunWriter(run_dir, append=True)
+    writer = RunWriter(run_dir, append=True) if is_main() else FollowerRunWriter(run_dir)
     recorder = ProbeRecorder(learner, run_dir, append=True)
     lr_record = _evaluate(cfg, learner, sources, writer, manifest["run_id"], device, precision, progress, protocols,
                           recorder)
-    recorder.finish()
+    if is_main():
+        recorder.finish()
     evaluation: dict[str, Any] = {"argv": ["metabench", *sys.argv[1:]], "overrides": overrides, "protocols": [p.label for p in protocols],
                                   "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if lr_record is not None:

@@ -30,7 +30,8 @@ from metabench.checkpoint import (
     read_position,
     save_training_checkpoint,
 )
-from metabench.config import RunConfig
+from metabench.config import ConfigError, RunConfig
+from metabench.distributed import attach_grad_averaging, broadcast_module, is_main, rank, world_size
 from metabench.engine import meta_train
 from metabench.learners.base import Learner
 from metabench.probes import ProbeRecorder
@@ -130,11 +131,15 @@ def run_training(cfg: RunConfig, learner: Learner, sources: dict[str, Source], w
     episode_set = EpisodeSet(train_sources, Split.TRAIN, cfg.data.train_sampler, cfg.train.episodes, seed=cfg.seed,
                              image_size=cfg.data.image_size, per_source=False, augment=augment)
     first_task = start * cfg.train.tasks_per_update
-    loader = make_loader(Subset(episode_set, range(first_task, len(episode_set))),  # type: ignore[arg-type]
+    loader = make_loader(Subset(episode_set, _my_tasks(cfg, first_task)),  # type: ignore[arg-type]
                          num_workers=cfg.data.num_workers)
-    validator = Validator(cfg, learner, train_sources, writer, device, precision,
-                          ood_sources=[sources[n] for n in cfg.train.val_ood_sources])
-    checkpointer = Checkpointer(cfg, learner, ckpt_dir)
+    broadcast_module(learner)
+    attach_grad_averaging(learner)
+    hooks: list[Callable[..., None]] = []
+    if is_main():  # probes, validation and checkpoints: rank 0 only
+        hooks = [recorder.on_train_update, Validator(cfg, learner, train_sources, writer, device, precision,
+                                                     ood_sources=[sources[n] for n in cfg.train.val_ood_sources]),
+                 Checkpointer(cfg, learner, ckpt_dir)]
 
     def restore() -> None:
         assert position is not None
@@ -143,8 +148,21 @@ def run_training(cfg: RunConfig, learner: Learner, sources: dict[str, Source], w
 
     meta_train(learner, loader, n_tasks=cfg.train.episodes, tasks_per_update=cfg.train.tasks_per_update,
                device=device, precision=precision, log_every=cfg.train.log_every, on_log=writer.log_train,
-               on_update=_hooks(recorder.on_train_update, validator, checkpointer), progress=progress,
+               on_update=_hooks(*hooks), progress=progress,
                start_update=start, restore=restore if position is not None else None)
-    save_learner(learner, writer.run_dir / CHECKPOINT)
-    total = -(-cfg.train.episodes // cfg.train.tasks_per_update)
-    mark_training_done(ckpt_dir, update=total, tasks=cfg.train.episodes, identity=identity(cfg))
+    if is_main():
+        save_learner(learner, writer.run_dir / CHECKPOINT)
+        total = -(-cfg.train.episodes // cfg.train.tasks_per_update)
+        mark_training_done(ckpt_dir, update=total, tasks=cfg.train.episodes, identity=identity(cfg))
+
+
+def _my_tasks(cfg: RunConfig, first_task: int) -> list[int] | range:
+    """Training-episode indices of this rank: its contiguous share of every meta-batch."""
+    ranks, per_update = world_size(), cfg.train.tasks_per_update
+    if ranks == 1:
+        return range(first_task, cfg.train.episodes)
+    if per_update % ranks:
+        raise ConfigError(f"train.tasks_per_update={per_update} cannot be split over {ranks} processes; make it a "
+                          f"multiple of {ranks}.")
+    share = per_update // ranks
+    return [i for i in range(first_task, cfg.train.episodes) if (i % per_update) // share == rank()]

@@ -45,6 +45,7 @@ from torch.func import functional_call
 
 from episodes.episode import Episode, Support
 from metabench.learners import LEARNERS
+from metabench.distributed import world_size
 from metabench.learners.base import Learner, ProtoState, TaskState
 from metabench.learners.smat_config import SMATConfig
 from metabench.learners.smat_losses import LagrangianSparsity, distillation, warmup_cosine
@@ -289,7 +290,7 @@ class SMAT(SMATProbes, Learner):
             ramp = self.cfg.sparsity_warmup * self._total_updates
             self.lagrangian.set_progress(self._updates / ramp if ramp > 0 else 1.0)
         temperature = self.temperature()
-        self.tasks_seen += len(episodes)
+        self.tasks_seen += len(episodes) * world_size()  # every rank's share of the meta-batch
         n = len(outcomes)
         return {"loss": sum(o.loss.item() for o in outcomes) / n, "accuracy": sum(o.accuracy for o in outcomes) / n,
                 "ce": sum(o.ce for o in outcomes) / n, "kd": sum(o.kd for o in outcomes) / n,

@@ -1,0 +1,65 @@
+"""torchrun with 2 CPU processes (gloo): sharded evaluation equals one process; DDP-style training matches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+COMMON = ["--backbone", "vit_test", "--quiet", "data.image_size=32", "data.eval_sources=[noto,digits]",
+          "eval.episodes=3", "data.sampler.mode=fixed", "data.sampler.way=3", "data.sampler.shot=2",
+          "data.sampler.query=2", "data.train_sampler.mode=fixed", "data.train_sampler.way=3",
+          "data.train_sampler.shot=2", "data.train_sampler.query=2"]
+
+
+def _run(out: Path, *args: str, ranks: int = 1) -> Path:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                if ranks > 1 else [sys.executable])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launcher, "-m", "metabench", "run", *args, *COMMON, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = out.iterdir()
+    return run
+
+
+def _rows(run: Path) -> pd.DataFrame:
+    return pd.read_parquet(run / "episodes.parquet").drop(columns=["seconds", "run_id"])
+
+
+def test_two_ranks_shard_evaluation_into_the_single_process_table(tmp_path: Path) -> None:
+    args = ["--learner", "pre", "eval.modes=[zero_shot,full]", "eval.steps=1", "eval.lr_selection=support",
+            "eval.lr_grid=[0,1e-3]"]
+    one, two = _run(tmp_path / "one", *args), _run(tmp_path / "two", *args, ranks=2)
+    assert json.loads((two / "manifest.json").read_text())["world_size"] == 2
+    pd.testing.assert_frame_equal(_rows(two), _rows(one))  # same rows, same order
+    assert len(_rows(one)) == 2 * 3 * 2
+
+
+def test_two_ranks_meta_train_like_one_process_with_the_same_meta_batch(tmp_path: Path) -> None:
+    args = ["--learner", "pmf", "train.episodes=4", "train.tasks_per_update=2", "train.log_every=1"]
+    one, two = _run(tmp_path / "one", *args), _run(tmp_path / "two", *args, ranks=2)
+    a, b = load_file(str(one / "checkpoints/learner.safetensors")), load_file(str(two / "checkpoints/learner.safetensors"))
+    assert a.keys() == b.keys()
+    moved = [k for k in a if not torch.equal(a[k], b[k])]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), moved
+    log_one = pd.read_json(one / "train_log.jsonl", lines=True)
+    log_two = pd.read_json(two / "train_log.jsonl", lines=True)
+    assert log_two["tasks"].tolist() == log_one["tasks"].tolist() == [2, 4]
+    assert log_two["loss"].tolist() == pytest.approx(log_one["loss"].tolist(), abs=1e-5)
+
+
+def test_a_meta_batch_that_cannot_be_split_is_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "metabench", "run", "--learner", "pmf", "train.episodes=3", *COMMON,
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    assert "train.tasks_per_update=1 cannot be split over 2 processes" in proc.stderr
