@@ -10,9 +10,10 @@ Breakdowns (after Meta-Dataset's ``analyze.py``, adapted to what the results sch
 - by shot: the episode's *mean* support images per class, ``shots / way``, in buckets. analyze.py instead
   scores each class by its own shot; per-class shots are not in the schema;
 - by support size: ``shots`` in buckets;
-- by imbalance: analyze.py uses max − min of the per-class support proportions (2-way tasks). Without per-class
-  counts only a lower bound is known: when ``shots`` is not a multiple of ``way`` the support set *must* be
-  imbalanced (``imbalanced``); otherwise it may or may not be (``undetermined``).
+- by imbalance: analyze.py's measure, max − min of the per-class shares of the support set (the ``imbalance``
+  column; 0 = balanced), in buckets. Rows written before that column existed only bound it: when ``shots`` is
+  not a multiple of ``way`` the support set *must* be imbalanced (``imbalanced (unmeasured)``); otherwise it
+  may or may not be (``undetermined``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 JOIN = ["source", "episode_id", "mode", "steps"]
 SHOT_EDGES = (0, 1, 2, 5, 10, 20, 50, np.inf)  # mean shots per class; buckets (lo, hi]
 SUPPORT_EDGES = (0, 5, 10, 25, 50, 100, 250, np.inf)
+IMBALANCE_EDGES = (0, 0.02, 0.05, 0.1, 0.2, 1.0)  # max - min class share; buckets (lo, hi], exact 0 = "balanced"
 BREAKDOWNS = ("way", "shots_per_class", "support_size", "imbalance")
 
 
@@ -78,6 +80,17 @@ def _buckets(values: pd.Series, edges: Sequence[float]) -> pd.Series:
     return pd.cut(values, bins=list(edges), labels=labels, right=True).astype(str)
 
 
+def _imbalance_buckets(frame: pd.DataFrame, edges: Sequence[float]) -> pd.Series:
+    measured = frame["imbalance"].astype(float) if "imbalance" in frame else pd.Series(np.nan, index=frame.index)
+    forced = (frame["shots"].astype(int) % frame["way"].astype(int)) != 0
+    out = forced.map({True: "imbalanced (unmeasured)", False: "undetermined"}).astype(object)
+    known = measured.notna()
+    if known.any():
+        out[known] = _buckets(measured[known], edges)
+        out[known & (measured <= 0)] = "balanced"
+    return out.astype(str)
+
+
 def _bucket_column(frame: pd.DataFrame, by: str, edges: Sequence[float] | None) -> pd.Series:
     if by == "way":
         return frame["way"].astype(int).astype(str)
@@ -86,8 +99,7 @@ def _bucket_column(frame: pd.DataFrame, by: str, edges: Sequence[float] | None) 
     if by == "support_size":
         return _buckets(frame["shots"].astype(float), edges or SUPPORT_EDGES)
     if by == "imbalance":
-        forced = (frame["shots"].astype(int) % frame["way"].astype(int)) != 0
-        return forced.map({True: "imbalanced", False: "undetermined"})
+        return _imbalance_buckets(frame, edges or IMBALANCE_EDGES)
     raise ValueError(f'Unknown breakdown "{by}"; use one of {", ".join(BREAKDOWNS)}.')
 
 

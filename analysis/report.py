@@ -79,8 +79,8 @@ def _breakdown_section(frame: pd.DataFrame, out: Path) -> Section:
         html.append(f"<h3>by {by}</h3>" + frame_to_html(table))
         md.append(f"### by {by}\n\n" + frame_to_markdown(table))
     note = ("Accuracy (%) ± 1.96·σ/√n over all evaluated episodes of each setting (all sources pooled). "
-            "shots_per_class = support images / way (the schema has no per-class counts); imbalance: "
-            "'imbalanced' when support images are not a multiple of way, else 'undetermined'.")
+            "shots_per_class = support images / way; imbalance = max − min of the classes' shares of the "
+            "support set (Meta-Dataset's analyze.py), 'balanced' when 0.")
     return Section("Breakdowns", f"<p>{note}</p>" + "".join(html), note + "\n\n" + "\n".join(md))
 
 

@@ -95,6 +95,8 @@ def evaluate(
     for episode in bar:
         episode = episode.to(device)
         todo = [p for p in protocols if (episode.source, episode.episode_id, p.mode, p.steps) not in skip]
+        share = torch.bincount(episode.support_y, minlength=episode.way).float() / episode.support_y.numel()
+        imbalance = float(share.max() - share.min())
         if not todo and on_episode is not None:
             on_episode(episode, None, ctx.domains.get(episode.source, "id"))
         for protocol in todo:
@@ -131,6 +133,7 @@ def evaluate(
                 loss=loss,
                 sparsity=float(getattr(state, "sparsity", math.nan)),
                 seconds=seconds,
+                imbalance=imbalance,
             )
         if running:
             bar.set_postfix(source=episode.source, acc=f"{100 * sum(running) / len(running):.1f}")

@@ -113,6 +113,9 @@ class EpisodeRow:
     loss: float
     sparsity: float  # fraction of zero entries in the task update (nan when not applicable)
     seconds: float  # adapt + predict wall time
+    # max - min of the per-class shares of the support set (0: balanced), Meta-Dataset analyze.py's imbalance;
+    # NaN in rows written before the column existed
+    imbalance: float = math.nan
 
     @property
     def key(self) -> tuple[str, str, str, int]:

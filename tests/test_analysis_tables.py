@@ -127,11 +127,40 @@ def test_breakdowns(two_runs: pd.DataFrame) -> None:
     assert smat.iloc[0]["episodes"] == 5
     shots = breakdown(two_runs, "shots_per_class")
     assert set(shots["shots_per_class"]) <= {"(2, 5]", "(5, 10]"}
-    imbalance = breakdown(two_runs, "imbalance", domain="ood")
-    # digits episodes: (way 5, shots 25) divisible -> undetermined; (6, 26) -> imbalanced
-    assert imbalance[imbalance["label"] == "smat"]["imbalance"].tolist() == ["imbalanced", "undetermined"]
+    imbalance = breakdown(two_runs.drop(columns="imbalance", errors="ignore"), "imbalance", domain="ood")
+    # Rows without the measured column: (way 5, shots 25) divisible -> undetermined; (6, 26) -> must be imbalanced
+    assert imbalance[imbalance["label"] == "smat"]["imbalance"].tolist() == ["imbalanced (unmeasured)", "undetermined"]
     with pytest.raises(ValueError, match="Unknown breakdown"):
         breakdown(two_runs, "colour")
+
+
+def test_imbalance_breakdown_uses_the_measured_class_shares() -> None:
+    frame = pd.DataFrame({"label": "x", "mode": "zero_shot", "steps": 0, "way": 2, "shots": [10, 10, 10, 11],
+                          "imbalance": [0.0, 0.2, 0.6, np.nan], "accuracy": [0.9, 0.8, 0.5, 0.7], "domain": "id"})
+    out = breakdown(frame, "imbalance").set_index("imbalance")
+    assert out.loc["balanced", "accuracy"] == pytest.approx(90.0)
+    assert out.loc["(0.1, 0.2]", "accuracy"] == pytest.approx(80.0)
+    assert out.loc["(0.2, 1]", "accuracy"] == pytest.approx(50.0)
+    assert out.loc["imbalanced (unmeasured)", "episodes"] == 1
+
+
+def test_engine_records_the_support_imbalance() -> None:
+    import torch
+
+    from episodes.episode import Episode, Split
+    from metabench.backbones import create_backbone
+    from metabench.engine import EvalContext, evaluate
+    from metabench.learners import create_learner
+    from metabench.protocols import Protocol
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (9, 3, 32, 32), generator=g, dtype=torch.uint8)
+    support_y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1][:7])  # 5 + 2 of 7: shares 5/7, 2/7
+    ep = Episode(x[:7], support_y, x[7:], torch.tensor([0, 1]), "s", Split.TEST, "e0")
+    learner = create_learner("pre", create_backbone("vit_test"))
+    (row,) = evaluate(learner, [ep], EvalContext("r", "pre", "vit_test", {}), protocols=[Protocol("zero_shot", 0)],
+                      device=torch.device("cpu"), progress=False)
+    assert row.imbalance == pytest.approx(3 / 7)
 
 
 def test_support_size_buckets_are_ordered() -> None:
