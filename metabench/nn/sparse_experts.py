@@ -52,7 +52,22 @@ MASK_KINDS: tuple[str, ...] = ("learned", "random", "magnitude", "dense")
 def hard_concrete(log_alpha: Tensor, noise: Tensor | None = None, beta: float = BETA) -> Tensor:
     """Hard-concrete gate in [0, 1]; ``noise`` is logistic noise log(u) - log(1 - u) (None: deterministic)."""
     x = log_alpha if noise is None else log_alpha + noise
-    return (torch.sigmoid(x / beta) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return (torch.sigmoid(x / beta) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+    # No graph to record: the same operations in place on one buffer (M x |theta| floats on a ViT-S).
+    return (x / beta).sigmoid_().mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0.0, 1.0)
+
+
+def hard_concrete_backward(grad: Tensor, log_alpha: Tensor, noise: Tensor | None = None,
+                           beta: float = BETA) -> Tensor:
+    """``grad`` times the Jacobian of ``hard_concrete`` at ``log_alpha``: the operations autograd would
+    run, without recording the forward graph (three buffers instead of about ten). Overwrites ``grad``."""
+    x = log_alpha if noise is None else log_alpha + noise
+    s = (x / beta).sigmoid_()
+    pre = s * (ZETA - GAMMA) + GAMMA  # the clamp passes gradient where 0 <= pre <= 1
+    grad.masked_fill_((pre >= 0.0).logical_and_(pre <= 1.0).logical_not_(), 0.0)
+    del pre
+    return torch.ops.aten.sigmoid_backward(grad.mul_(ZETA - GAMMA), s).div_(beta)
 
 
 @dataclass(frozen=True)
@@ -222,9 +237,23 @@ class SparseInterpolatedExperts(nn.Module):
             return hard_concrete(log_alpha)  # the same gate in training and evaluation
         if not training:
             return hard_concrete(log_alpha, beta=1.0)  # Louizos et al.'s test-time estimator
+        return hard_concrete(log_alpha, self._noise(t, noise_seed))
+
+    def _noise(self, t: ExpertTarget, noise_seed: int | None) -> Tensor:
+        """Logistic noise of target ``t``'s training gate, fixed by the seed (GateCache draws it twice)."""
+        log_alpha = self.mask_logits[t.key]
         g = torch.Generator(device=log_alpha.device).manual_seed(int(noise_seed or 0) + self.targets.index(t))
         u = torch.rand(log_alpha.shape, generator=g, device=log_alpha.device).clamp(1e-6, 1 - 1e-6)
-        return hard_concrete(log_alpha, torch.log(u) - torch.log1p(-u))
+        return torch.log(u) - torch.log1p(-u)
+
+    def accumulate_gate_grad(self, t: ExpertTarget, grad: Tensor, *, noise_seed: int | None = None) -> None:
+        """Add ``grad`` (dL/dz of target ``t``'s training gate) through the gate to its mask logits' ``.grad``,
+        as ``gate(t, training=True).backward(grad)`` would; ``grad`` is overwritten."""
+        log_alpha = self.mask_logits[t.key]
+        with torch.no_grad():
+            noise = self._noise(t, noise_seed) if self.noise else None
+            g = hard_concrete_backward(grad, log_alpha.detach(), noise)
+            log_alpha.grad = g if log_alpha.grad is None else log_alpha.grad.add_(g)
 
     def gates(self, *, training: bool = False, noise_seed: int | None = None) -> dict[str, Tensor] | None:
         """Gates of every target (None for dense experts, which have no masks)."""
@@ -294,8 +323,9 @@ class SparseInterpolatedExperts(nn.Module):
         gates = gates if gates is not None else self.gates()
         if gates is None:
             return torch.ones(self.n_experts)
-        with torch.no_grad():
-            count = sum((gates[t.key] > 0).flatten(1).sum(1).double() * t.repeat for t in self.targets)
+        with torch.no_grad():  # int32 sums: a bool sum would first copy the M x |theta| mask to int64
+            count = sum((gates[t.key] > 0).flatten(1).sum(1, dtype=torch.int32).double() * t.repeat
+                        for t in self.targets)
         return (count / self.total).float()
 
     def zero_fraction(self, masks: Mapping[str, Tensor] | None) -> float:
@@ -371,5 +401,5 @@ class GateCache:
         for t in self.experts.targets:
             leaf = self.z.get(t.key)
             if leaf is not None and leaf.grad is not None:
-                self.experts.gate(t, training=True, noise_seed=self.noise_seed).backward(leaf.grad)
+                self.experts.accumulate_gate_grad(t, leaf.grad, noise_seed=self.noise_seed)
                 leaf.grad = None
