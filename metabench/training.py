@@ -38,7 +38,8 @@ from metabench.probes import ProbeRecorder
 from metabench.results import TRAIN_LOG, RunWriter
 from metabench.validation import Validator
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_DIR", "Checkpointer", "load_learner_state", "run_training", "save_learner"]
+__all__ = ["CHECKPOINT", "CHECKPOINT_DIR", "Checkpointer", "load_learner_state", "rank_tasks", "run_training",
+           "save_learner"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/learner.safetensors"  # the final learner, read by `metabench eval --run`
@@ -131,7 +132,7 @@ def run_training(cfg: RunConfig, learner: Learner, sources: dict[str, Source], w
     episode_set = EpisodeSet(train_sources, Split.TRAIN, cfg.data.train_sampler, cfg.train.episodes, seed=cfg.seed,
                              image_size=cfg.data.image_size, per_source=False, augment=augment)
     first_task = start * cfg.train.tasks_per_update
-    loader = make_loader(Subset(episode_set, _my_tasks(cfg, first_task)),  # type: ignore[arg-type]
+    loader = make_loader(Subset(episode_set, rank_tasks(cfg, first_task)),  # type: ignore[arg-type]
                          num_workers=cfg.data.num_workers)
     broadcast_module(learner)
     attach_grad_averaging(learner)
@@ -156,7 +157,7 @@ def run_training(cfg: RunConfig, learner: Learner, sources: dict[str, Source], w
         mark_training_done(ckpt_dir, update=total, tasks=cfg.train.episodes, identity=identity(cfg))
 
 
-def _my_tasks(cfg: RunConfig, first_task: int) -> list[int] | range:
+def rank_tasks(cfg: RunConfig, first_task: int) -> list[int] | range:
     """Training-episode indices of this rank: its contiguous share of every meta-batch."""
     ranks, per_update = world_size(), cfg.train.tasks_per_update
     if ranks == 1:

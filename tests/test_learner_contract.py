@@ -156,3 +156,21 @@ def test_batchnorm_statistics_stay_pretrained_in_meta_training() -> None:
     assert torch.equal(bns[0].running_mean, before)
     learner.cfg.freeze_batchnorm = False
     assert all(m.training for m in learner.train().modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_and_predictions_are_finite(learner_name: str, precision: str) -> None:
+    """The engine's autocast (CPU here; the same code path picks CUDA when present)."""
+    from metabench.engine import autocast
+
+    learner, ep, cpu = _learner(learner_name), _episode(7), torch.device("cpu")
+    if learner.meta_trainable:
+        learner.setup_training(2)
+        learner.train()
+        with autocast(cpu, precision):
+            metrics = learner.meta_train_step([ep])
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+    learner.eval()
+    with torch.no_grad(), autocast(cpu, precision):
+        logits = learner.predict(learner.adapt(ep.support), ep.query_x)
+    assert logits.shape == (ep.query_y.numel(), ep.way) and torch.isfinite(logits.float()).all()
