@@ -24,7 +24,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, help="smoke (seconds, for tests), quick or full; overrides --quick")
     p.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
     p.add_argument("--out", default="benchmarks/results", help="folder for <suite>.json (and scaling.png)")
-    p.add_argument("--workdir", help="pipeline: keep its generated data here (default: a temporary folder)")
+    p.add_argument("--workdir", help="pipeline: its generated data (default: $METABENCH_CACHE/benchmark-data)")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 on a busy machine, else torch's)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target fails")
     args = p.parse_args(argv)
