@@ -84,3 +84,9 @@ def test_scaling_draws_its_figure(results: dict[str, dict]) -> None:
     assert all(t > 0 for t in curve["seconds"]["smat"]["train"] + curve["seconds"]["pre"]["zero_shot"])
     assert curve["seconds"]["pre"]["train"] == [None, None]  # pre has no meta-training phase
     assert Path(m["figure"]).is_file()
+
+
+def test_distributed_times_one_and_two_ranks(results: dict[str, dict]) -> None:
+    (m,) = results["distributed"]["measurements"].values()
+    assert m["1_rank"]["tasks_per_s"] > 0 and m["2_ranks"]["tasks_per_s"] > 0
+    assert m["speedup"] == pytest.approx(m["2_ranks"]["tasks_per_s"] / m["1_rank"]["tasks_per_s"])
