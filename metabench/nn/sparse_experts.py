@@ -10,10 +10,7 @@ training and evaluation use the *same* gate (upstream evaluated with beta 1, a t
 With ``noise=True`` training samples the gate and evaluation uses Louizos' test-time estimator.
 
 Storage: one tensor ``[M, *mask_shape]`` of mask logits per target, so M only multiplies masks.
-Elementwise masks have the target's shape; structured ones keep one gate per input column of a
-Linear weight, per output channel of a conv, and stay elementwise for everything else. Targets come
-from a regex over the backbone's parameter names and a set of layer types; timm fuses q, k and v in one
-``qkv`` Linear, so a q/k/v subset is a slice of its output rows (q first, then k, then v).
+Which tensors are targets, and the shapes of their masks, is ``metabench.nn.expert_targets``.
 
 Mask kinds: ``learned`` (SMAT), ``random`` and ``magnitude`` (fixed hand-designed masks keeping
 exactly round((1 - tau) n) entries per expert and tensor, drawn without replacement uniformly or with
@@ -24,12 +21,12 @@ no masks).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from metabench.nn.expert_targets import LAYER_TYPES, ExpertTarget, classify, fixed_masks, select_targets
 
 __all__ = [
     "LAYER_TYPES",
@@ -37,6 +34,8 @@ __all__ = [
     "ExpertTarget",
     "GateCache",
     "SparseInterpolatedExperts",
+    "classify",
+    "fixed_masks",
     "hard_concrete",
     "select_targets",
 ]
@@ -44,8 +43,6 @@ __all__ = [
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 LOG_ALPHA_BOUND = 4.61
 L0_SHIFT = -BETA * math.log(-GAMMA / ZETA)  # P(gate > 0) = sigmoid(log_alpha + L0_SHIFT); about 1.599
-LAYER_TYPES: tuple[str, ...] = ("patch_embed", "pos_embed", "cls_token", "q", "k", "v", "attn_out", "attn_norm",
-                                "mlp_in", "mlp_out", "mlp_norm", "final_norm", "other")
 MASK_KINDS: tuple[str, ...] = ("learned", "random", "magnitude", "dense")
 
 
@@ -70,113 +67,6 @@ def hard_concrete_backward(grad: Tensor, log_alpha: Tensor, noise: Tensor | None
     return torch.ops.aten.sigmoid_backward(grad.mul_(ZETA - GAMMA), s).div_(beta)
 
 
-@dataclass(frozen=True)
-class ExpertTarget:
-    """One masked slice of a backbone parameter (the whole tensor unless a q/k/v subset was chosen)."""
-
-    key: str  # name inside the experts' ParameterDicts (dots are not allowed there)
-    param: str  # backbone parameter name, e.g. "model.blocks.0.attn.qkv.weight"
-    rows: tuple[int, int] | None  # row slice of the parameter (None: all of it)
-    shape: tuple[int, ...]  # shape of the slice
-    mask_shape: tuple[int, ...]
-    parts: tuple[tuple[str, int, int], ...]  # (layer type, first row, end row) within the slice, for statistics
-    depth: int  # transformer block index, -1 outside the blocks
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def repeat(self) -> int:
-        """Parameter entries governed by one mask entry (1 for elementwise masks)."""
-        return self.numel // math.prod(self.mask_shape)
-
-
-def classify(name: str, shape: Sequence[int]) -> tuple[list[tuple[str, int, int]], int]:
-    """Layer-type parts (type, first row, end row) and block depth of a timm ViT parameter name."""
-    found = re.search(r"blocks\.(\d+)\.", name)
-    depth = int(found.group(1)) if found else -1
-    rows = shape[0] if len(shape) else 1
-    rules = (("patch_embed", "patch_embed."), ("pos_embed", "pos_embed"), ("cls_token", "cls_token"),
-             ("attn_out", ".attn.proj."), ("attn_norm", ".norm1."), ("mlp_norm", ".norm2."),
-             ("mlp_in", ".mlp.fc1."), ("mlp_out", ".mlp.fc2."), ("q", ".attn.q."), ("k", ".attn.k."),
-             ("v", ".attn.v."))
-    if ".attn.qkv." in name:
-        third = rows // 3
-        return [("q", 0, third), ("k", third, 2 * third), ("v", 2 * third, rows)], depth
-    for layer_type, needle in rules:
-        if needle in name:
-            return [(layer_type, 0, rows)], depth
-    if depth == -1 and re.search(r"(^|\.)(fc_)?norm\.", name):
-        return [("final_norm", 0, rows)], depth
-    return [("other", 0, rows)], depth
-
-
-def _mask_shape(shape: tuple[int, ...], structured: bool) -> tuple[int, ...]:
-    if structured and len(shape) == 2:
-        return (1, shape[1])  # one gate per input column of a Linear weight
-    if structured and len(shape) == 4:
-        return (shape[0], 1, 1, 1)  # one gate per output channel of a conv
-    return shape
-
-
-def select_targets(named_params: Mapping[str, Tensor], *, pattern: str = ".*", layer_types: Sequence[str] | None = None,
-                   structured: bool = False) -> list[ExpertTarget]:
-    """Targets: parameters whose name fully matches ``pattern``, restricted to ``layer_types`` (None: all)."""
-    unknown = set(layer_types or ()) - set(LAYER_TYPES)
-    if unknown:
-        raise ValueError(f"Unknown layer types {sorted(unknown)}; choose from {', '.join(LAYER_TYPES)}.")
-    wanted = set(layer_types) if layer_types is not None else set(LAYER_TYPES)
-    regex = re.compile(pattern)
-    targets = []
-    for name, tensor in named_params.items():
-        if not regex.fullmatch(name):
-            continue
-        parts, depth = classify(name, tuple(tensor.shape))
-        for start, end, chosen in _row_runs([p for p in parts if p[0] in wanted]):
-            whole = start == 0 and end == (tensor.shape[0] if tensor.ndim else 1)
-            shape = tuple(tensor.shape) if whole else (end - start, *tensor.shape[1:])
-            key = name.replace(".", "__") + ("" if whole else f"__rows_{start}_{end}")
-            rel = tuple((t, a - start, b - start) for t, a, b in chosen)
-            targets.append(ExpertTarget(key, name, None if whole else (start, end), shape,
-                                        _mask_shape(shape, structured), rel, depth))
-    if not targets:
-        raise ValueError(f'No backbone parameter matches target "{pattern}" with layer types {sorted(wanted)}.')
-    return targets
-
-
-def _row_runs(parts: list[tuple[str, int, int]]) -> list[tuple[int, int, list[tuple[str, int, int]]]]:
-    """Merge adjacent selected parts (e.g. q and k of a qkv weight) into contiguous row slices."""
-    runs: list[tuple[int, int, list[tuple[str, int, int]]]] = []
-    for part in sorted(parts, key=lambda p: p[1]):
-        if runs and runs[-1][1] == part[1]:
-            runs[-1] = (runs[-1][0], part[2], [*runs[-1][2], part])
-        else:
-            runs.append((part[1], part[2], [part]))
-    return runs
-
-
-def _importance(weight: Tensor, mask_shape: tuple[int, ...]) -> Tensor:
-    """|theta| per mask entry (the L2 norm over the entries a structured gate covers)."""
-    if tuple(weight.shape) == mask_shape:
-        return weight.abs()
-    dims = tuple(i for i, n in enumerate(mask_shape) if n == 1 and weight.shape[i] != 1)
-    return weight.pow(2).sum(dims, keepdim=True).sqrt()
-
-
-def fixed_masks(weight: Tensor, mask_shape: tuple[int, ...], n_experts: int, density: float, kind: str,
-                generator: torch.Generator) -> Tensor:
-    """``[M, *mask_shape]`` 0/1 masks with exactly round(density * n) ones per expert (Gumbel top-k:
-    uniform for "random", probability proportional to |theta_pre| for "magnitude")."""
-    n = math.prod(mask_shape)
-    k = min(n, round(density * n))
-    if kind == "random":
-        log_w = torch.zeros(n)
-    else:
-        log_w = _importance(weight.detach().float().cpu(), mask_shape).flatten().clamp_min(1e-12).log()
-    u = torch.rand(n_experts, n, generator=generator).clamp(1e-12, 1 - 1e-12)
-    keep = (log_w - torch.log(-torch.log(u))).topk(k, dim=1).indices
-    return torch.zeros(n_experts, n).scatter_(1, keep, 1.0).view(n_experts, *mask_shape)
 
 
 class SparseInterpolatedExperts(nn.Module):
