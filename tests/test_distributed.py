@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): sharded evaluation equals one process; DDP-style training matches."""
+"""Determinism across processes: torchrun with 2 CPU processes (gloo) evaluates into the single-process table and
+meta-trains like one process with the same meta-batch; loader workers do not change any result."""
 
 from __future__ import annotations
 
@@ -63,3 +64,11 @@ def test_a_meta_batch_that_cannot_be_split_is_one_line(tmp_path: Path) -> None:
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode != 0
     assert "train.tasks_per_update=1 cannot be split over 2 processes" in proc.stderr
+
+
+def test_per_episode_results_do_not_depend_on_loader_workers(tmp_path: Path) -> None:
+    args = ["--learner", "pre", "eval.modes=[zero_shot,full]", "eval.steps=1", "eval.lr_selection=fixed",
+            "eval.lr=1e-3"]
+    serial = _run(tmp_path / "w0", *args)
+    workers = _run(tmp_path / "w2", *args, "data.num_workers=2")
+    pd.testing.assert_frame_equal(_rows(workers), _rows(serial))
