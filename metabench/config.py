@@ -139,7 +139,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "data": {"image_size": 84, "train_sampler": {"mode": "fixed", "way": 5, "shot": 5, "query": 10}},
         "train": {"episodes": 40},
-        "eval": {"episodes": 25},
+        "eval": {"episodes": 15},
     },
     "gpu": {"data": {"image_size": 128, "num_workers": 4}, "train": {"episodes": 10000},
             "eval": {"episodes": 600, "steps": 50}},

@@ -35,10 +35,18 @@ def _rows(run: Path) -> pd.DataFrame:
     return pd.read_parquet(run / "episodes.parquet").drop(columns=["seconds", "run_id"])
 
 
-def test_two_ranks_shard_evaluation_into_the_single_process_table(tmp_path: Path) -> None:
-    args = ["--learner", "pre", "eval.modes=[zero_shot,full]", "eval.steps=1", "eval.lr_selection=support",
-            "eval.lr_grid=[0,1e-3]"]
-    one, two = _run(tmp_path / "one", *args), _run(tmp_path / "two", *args, ranks=2)
+EVAL = ["--learner", "pre", "eval.modes=[zero_shot,full]", "eval.steps=1", "eval.lr_selection=support",
+        "eval.lr_grid=[0,1e-3]"]
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The single-process, no-worker evaluation every other way of running must reproduce."""
+    return _run(tmp_path_factory.mktemp("one"), *EVAL)
+
+
+def test_two_ranks_shard_evaluation_into_the_single_process_table(one: Path, tmp_path: Path) -> None:
+    two = _run(tmp_path / "two", *EVAL, ranks=2)
     assert json.loads((two / "manifest.json").read_text())["world_size"] == 2
     pd.testing.assert_frame_equal(_rows(two), _rows(one))  # same rows, same order
     assert len(_rows(one)) == 2 * 3 * 2
@@ -46,12 +54,12 @@ def test_two_ranks_shard_evaluation_into_the_single_process_table(tmp_path: Path
 
 def test_two_ranks_meta_train_like_one_process_with_the_same_meta_batch(tmp_path: Path) -> None:
     args = ["--learner", "pmf", "train.episodes=4", "train.tasks_per_update=2", "train.log_every=1"]
-    one, two = _run(tmp_path / "one", *args), _run(tmp_path / "two", *args, ranks=2)
-    a, b = load_file(str(one / "checkpoints/learner.safetensors")), load_file(str(two / "checkpoints/learner.safetensors"))
+    single, two = _run(tmp_path / "one", *args), _run(tmp_path / "two", *args, ranks=2)
+    a, b = load_file(str(single / "checkpoints/learner.safetensors")), load_file(str(two / "checkpoints/learner.safetensors"))
     assert a.keys() == b.keys()
     moved = [k for k in a if not torch.equal(a[k], b[k])]
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), moved
-    log_one = pd.read_json(one / "train_log.jsonl", lines=True)
+    log_one = pd.read_json(single / "train_log.jsonl", lines=True)
     log_two = pd.read_json(two / "train_log.jsonl", lines=True)
     assert log_two["tasks"].tolist() == log_one["tasks"].tolist() == [2, 4]
     assert log_two["loss"].tolist() == pytest.approx(log_one["loss"].tolist(), abs=1e-5)
@@ -66,9 +74,6 @@ def test_a_meta_batch_that_cannot_be_split_is_one_line(tmp_path: Path) -> None:
     assert "train.tasks_per_update=1 cannot be split over 2 processes" in proc.stderr
 
 
-def test_per_episode_results_do_not_depend_on_loader_workers(tmp_path: Path) -> None:
-    args = ["--learner", "pre", "eval.modes=[zero_shot,full]", "eval.steps=1", "eval.lr_selection=fixed",
-            "eval.lr=1e-3"]
-    serial = _run(tmp_path / "w0", *args)
-    workers = _run(tmp_path / "w2", *args, "data.num_workers=2")
-    pd.testing.assert_frame_equal(_rows(workers), _rows(serial))
+def test_per_episode_results_do_not_depend_on_loader_workers(one: Path, tmp_path: Path) -> None:
+    workers = _run(tmp_path / "w2", *EVAL, "data.num_workers=2")
+    pd.testing.assert_frame_equal(_rows(workers), _rows(one))
