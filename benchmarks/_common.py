@@ -8,6 +8,8 @@ shared 2-core machine absolute speeds swing by 2x within minutes while such rati
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import os
 import platform
@@ -262,3 +264,42 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
     return str(v)
+
+
+# -- learners and entry points shared by the suites -------------------------------------------------
+
+def build_learners(alias: str, specs: Mapping[str, tuple[str, dict[str, Any]]], dev: Any) -> dict[str, Any]:
+    """One learner per ``label -> (registry name, options)``, each on its own copy of one backbone."""
+    from metabench.backbones import create_backbone
+    from metabench.learners import create_learner, learner_config_class
+
+    backbone = create_backbone(alias, image_size=image_size_of(alias))
+    return {label: create_learner(name, copy.deepcopy(backbone), learner_config_class(name)(name=name, **options)
+                                  ).to(dev)
+            for label, (name, options) in specs.items()}
+
+
+def zero_shot_episode(learner: Any, ep: Any) -> None:
+    """The zero-shot protocol on one episode: prototypes of the support set, logits of the queries."""
+    import torch
+
+    with torch.no_grad():
+        learner.predict(learner.adapt(ep.support), ep.query_x)
+
+
+def standalone_parser(doc: str) -> argparse.ArgumentParser:
+    """``python -m benchmarks.<suite>``'s options (a suite may add its own)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, help="torch threads (default: 1 on a busy machine, else torch's)")
+    return p
+
+
+def run_standalone(suite: str, args: argparse.Namespace, run: Callable[[Mode, Path], dict[str, Any]],
+                   report: Callable[[dict[str, Any]], None]) -> None:
+    """Run one suite on its own, print its tables and write ``<out>/<suite>.json``."""
+    configure_threads(args.threads)
+    result = run("quick" if args.quick else "full", Path(args.out))
+    report(result)
+    print(f"wrote {write_json(Path(args.out) / f'{suite}.json', result)}")

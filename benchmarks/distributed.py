@@ -34,10 +34,9 @@ TASKS_PER_UPDATE = 2
 def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     """One rank: build the learner, take this rank's tasks, time meta-training after a warm-up update."""
     import torch
-    from torch.utils.data import Subset
 
     from episodes.episode import Split
-    from episodes.loader import EpisodeSet, make_loader
+    from episodes.loader import EpisodeSet
     from metabench.backbones import create_backbone
     from metabench.config import load_config
     from metabench.distributed import attach_grad_averaging, broadcast_module, init_from_env, is_main, shutdown

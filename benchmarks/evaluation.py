@@ -14,8 +14,6 @@ step, from which seconds per episode at the presets' 10 and 50 steps follow.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from benchmarks._common import (
     Mode,
     Target,
     abba,
-    configure_threads,
+    build_learners,
     device,
     fixed_episodes,
     image_size_of,
@@ -37,10 +35,12 @@ from benchmarks._common import (
     print_targets,
     quiet_logs,
     release_memory,
+    run_standalone,
+    standalone_parser,
     suite_result,
     summary,
     timed,
-    write_json,
+    zero_shot_episode,
 )
 
 #: label -> (learner, options); learners are untrained: the cost of a protocol does not depend on training
@@ -62,16 +62,6 @@ PRESET_STEPS = (10, 50)  # eval.steps of the default/cpu presets and of the gpu/
 BATCH = 128
 
 
-def _learners(alias: str, dev: Any) -> dict[str, Any]:
-    from metabench.backbones import create_backbone
-    from metabench.learners import create_learner, learner_config_class
-
-    backbone = create_backbone(alias, image_size=image_size_of(alias))
-    built = {}
-    for label, (name, options) in LEARNERS.items():
-        cfg = learner_config_class(name)(name=name, **options)
-        built[label] = create_learner(name, copy.deepcopy(backbone), cfg).to(dev).eval()
-    return built
 
 
 def _raw(backbone: Any, images: Any) -> None:
@@ -82,21 +72,16 @@ def _raw(backbone: Any, images: Any) -> None:
             backbone(chunk)
 
 
-def _zero_shot(learner: Any, ep: Any) -> None:
-    import torch
-
-    with torch.no_grad():
-        learner.predict(learner.adapt(ep.support), ep.query_x)
 
 
 def zero_shot(alias: str, n_episodes: int, dev: Any) -> dict[str, Any]:
     """Paired zero-shot vs raw-forward timings of every learner on ``n_episodes`` episodes."""
     import torch
 
-    learners = _learners(alias, dev)
+    learners = {k: v.eval() for k, v in build_learners(alias, LEARNERS, dev).items()}
     episodes = [ep.to(dev) for ep in fixed_episodes(n_episodes + 1, image_size=image_size_of(alias), **EPISODE)]
     for learner in learners.values():  # warm-up: lazy init, allocator, (GPU) kernel selection
-        _zero_shot(learner, episodes[-1])
+        zero_shot_episode(learner, episodes[-1])
         _raw(learner.backbone, episodes[-1].query_x)
     times: dict[str, dict[str, list[float]]] = {k: {"raw": [], "zero_shot": []} for k in learners}
     for r, order in enumerate(abba(list(learners), n_episodes)):
@@ -105,7 +90,7 @@ def zero_shot(alias: str, n_episodes: int, dev: Any) -> dict[str, Any]:
         for label in order:
             pair = ("raw", "zero_shot") if r % 2 == 0 else ("zero_shot", "raw")
             for kind in pair:
-                args = (_raw, learners[label].backbone, images) if kind == "raw" else (_zero_shot, learners[label], ep)
+                args = (_raw, learners[label].backbone, images) if kind == "raw" else (zero_shot_episode, learners[label], ep)
                 times[label][kind].append(timed(dev, *args))
     n_images = int(episodes[0].support_x.shape[0] + episodes[0].query_x.shape[0])  # every episode has as many
     rows = {}
@@ -189,15 +174,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, help="torch threads (default: 1 on a busy machine, else torch's)")
-    args = p.parse_args(argv)
-    configure_threads(args.threads)
-    result = run("quick" if args.quick else "full", Path(args.out))
-    report(result)
-    print(f"wrote {write_json(Path(args.out) / 'evaluation.json', result)}")
+    run_standalone("evaluation", standalone_parser(__doc__).parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

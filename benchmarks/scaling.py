@@ -10,8 +10,6 @@ The figure goes next to the JSON as ``scaling.png``.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import math
 import sys
 import time
@@ -24,16 +22,18 @@ if __package__ in (None, ""):
 from benchmarks._common import (
     Mode,
     abba,
-    configure_threads,
+    build_learners,
     device,
     fixed_episodes,
     image_size_of,
     print_table,
     quiet_logs,
+    run_standalone,
+    standalone_parser,
     suite_result,
     summary,
     timed,
-    write_json,
+    zero_shot_episode,
 )
 
 SHAPES: tuple[tuple[int, int], ...] = ((5, 5), (10, 5), (10, 10), (20, 10), (50, 10))  # (way, shot)
@@ -53,26 +53,13 @@ BUDGETS: dict[str, dict[str, Any]] = {  # backbone -> (rounds, largest support s
 GPU_LARGEST = 500
 
 
-def _learners(alias: str, dev: Any) -> dict[str, Any]:
-    from metabench.backbones import create_backbone
-    from metabench.learners import create_learner, learner_config_class
 
-    backbone = create_backbone(alias, image_size=image_size_of(alias))
-    built = {}
-    for label, (name, options) in LEARNERS.items():
-        cfg = learner_config_class(name)(name=name, **options)
-        learner = create_learner(name, copy.deepcopy(backbone), cfg).to(dev)
-        learner.setup_training(1000)
-        built[label] = learner
-    return built
+
 
 
 def _zero_shot(learner: Any, ep: Any) -> None:
-    import torch
-
     learner.eval()
-    with torch.no_grad():
-        learner.predict(learner.adapt(ep.support), ep.query_x)
+    zero_shot_episode(learner, ep)
 
 
 def _train_step(learner: Any, ep: Any) -> None:
@@ -110,7 +97,9 @@ def _slope(sizes: list[int], seconds: list[float]) -> float | None:
 
 def scale(alias: str, rounds: int, largest: int, warmup: bool, dev: Any) -> dict[str, Any]:
     """Cost of every learner at each support size up to ``largest`` on backbone ``alias``."""
-    learners = _learners(alias, dev)
+    learners = build_learners(alias, LEARNERS, dev)
+    for learner in learners.values():
+        learner.setup_training(1000)
     shapes = [(w, s) for w, s in SHAPES if w * s <= largest]
     curves: dict[str, dict[str, list[float | None]]] = {k: {"train": [], "zero_shot": []} for k in learners}
     for way, shot in shapes:
@@ -184,15 +173,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, help="torch threads (default: 1 on a busy machine, else torch's)")
-    args = p.parse_args(argv)
-    configure_threads(args.threads)
-    result = run("quick" if args.quick else "full", Path(args.out))
-    report(result)
-    print(f"wrote {write_json(Path(args.out) / 'scaling.json', result)}")
+    run_standalone("scaling", standalone_parser(__doc__).parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from benchmarks._common import (
     Mode,
     Target,
     abba,
-    configure_threads,
     device,
     fixed_episodes,
     image_size_of,
@@ -44,11 +43,12 @@ from benchmarks._common import (
     quiet_logs,
     release_memory,
     rss_mib,
+    run_standalone,
     spawn,
+    standalone_parser,
     suite_result,
     summary,
     timed,
-    write_json,
 )
 
 _OFF = {"teacher_steps": 0, "kd_pretrained": False}  # no distillation at all: neither teacher runs
@@ -255,19 +255,13 @@ def report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, help="torch threads (default: 1 on a busy machine, else torch's)")
+    p = standalone_parser(__doc__)
     p.add_argument("--run-config", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_config:
         print(json.dumps(measure_memory(json.loads(args.run_config))))
         return
-    configure_threads(args.threads)
-    result = run("quick" if args.quick else "full", Path(args.out))
-    report(result)
-    print(f"wrote {write_json(Path(args.out) / 'training.json', result)}")
+    run_standalone("training", args, run, report)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from metabench.learners.base import Learner
 from metabench.results import atomic_write
 
-__all__ = ["CheckpointError", "TrainPosition", "load_training_checkpoint", "mark_training_done", "read_position",
-           "save_training_checkpoint"]
+__all__ = ["CheckpointError", "TrainPosition", "atomic_save", "load_training_checkpoint", "mark_training_done",
+           "read_position", "save_training_checkpoint"]
 
 log = logging.getLogger(__name__)
 LATEST = "latest.json"
@@ -91,7 +91,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _atomic_save(save: Any, path: Path) -> None:
+def atomic_save(save: Any, path: Path) -> None:
+    """``save(tmp)`` then rename to ``path``: readers see the old file or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")
     save(tmp)
     tmp.replace(path)
@@ -108,8 +109,8 @@ def save_training_checkpoint(directory: Path, learner: Learner, *, update: int, 
     stem = f"step-{update:08d}"
     tensors: dict[str, torch.Tensor] = {}
     state = _encode({"learner": learner.training_state(), "rng": _rng_state()}, tensors, "s")
-    _atomic_save(lambda p: save_model(learner, str(p)), directory / f"{stem}.learner.safetensors")
-    _atomic_save(lambda p: save_file(tensors, str(p)), directory / f"{stem}.state.safetensors")
+    atomic_save(lambda p: save_model(learner, str(p)), directory / f"{stem}.learner.safetensors")
+    atomic_save(lambda p: save_file(tensors, str(p)), directory / f"{stem}.state.safetensors")
     position = {"format": _FORMAT, "update": update, "tasks": tasks, "training_done": False, "identity": identity,
                 "learner_file": f"{stem}.learner.safetensors", "state_file": f"{stem}.state.safetensors",
                 "state": state}

@@ -88,7 +88,7 @@ def _manifest(cfg: RunConfig, run_id: str, backbone: Backbone, learner: Learner,
     return {
         "schema_version": 1,
         "run_id": run_id,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _now(),
         "status": "running",
         "argv": ["metabench", *sys.argv[1:]],
         "git": _git_state(),
@@ -300,7 +300,7 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | No
     if is_main():
         recorder.finish()
     evaluation: dict[str, Any] = {"argv": ["metabench", *sys.argv[1:]], "overrides": overrides, "protocols": [p.label for p in protocols],
-                                  "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                                  "at": _now()}
     if lr_record is not None:
         evaluation["lr_selection"] = lr_record
         # The latest choice per protocol label wins; each evaluation keeps its own full record above.

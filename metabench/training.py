@@ -25,6 +25,7 @@ from episodes.augment import TrainAugment
 from episodes.readers.base import Source
 from metabench.checkpoint import (
     TrainPosition,
+    atomic_save,
     load_training_checkpoint,
     mark_training_done,
     read_position,
@@ -51,9 +52,7 @@ def save_learner(learner: Learner, path: Path) -> None:
     from safetensors.torch import save_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_model(learner, str(tmp))
-    tmp.replace(path)
+    atomic_save(lambda tmp: save_model(learner, str(tmp)), path)
 
 
 def load_learner_state(learner: Learner, path: Path) -> None:
