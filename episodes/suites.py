@@ -38,6 +38,8 @@ from episodes.suite_format import SuiteError, plan_from_json, plan_to_json
 
 __all__ = [
     "RECIPES",
+    "STUDY_ID_SOURCES",
+    "STUDY_OOD_SOURCES",
     "SUITES_DIR",
     "Suite",
     "SuiteEpisodeSet",
@@ -65,13 +67,25 @@ class SuiteRecipe:
     split: Split
     n: int  # episodes per source
     purpose: str
+    sampler: SamplerConfig | None = None  # episode shape (None: Meta-Dataset's variable way and shot)
 
+
+#: The SMAT CPU study's domains: each training script of noto is a source (its test classes are held out),
+#: the other scripts and three digit / clothing sets are out of domain.
+STUDY_ID_SOURCES: tuple[str, ...] = ("noto_latin", "noto_cyrillic", "noto_arabic", "noto_devanagari", "noto_thai")
+STUDY_OOD_SOURCES: tuple[str, ...] = ("noto_telugu", "noto_greek", "noto_khmer", "noto_tamil", "digits", "mnist",
+                                      "fashion_mnist")
 
 RECIPES: dict[str, SuiteRecipe] = {
     "embedded-test": SuiteRecipe(("noto", "digits", "mnist"), Split.TEST, 600,
                                  "offline evaluation: noto test scripts (in-domain) and two digit sets (OOD)"),
     "embedded-valid": SuiteRecipe(("noto",), Split.VALID, 120,
                                   "learning-rate and model selection on noto's validation script (never test classes)"),
+    "smat-cpu-study": SuiteRecipe(
+        STUDY_ID_SOURCES + STUDY_OOD_SOURCES, Split.TEST, 100,
+        "the SMAT CPU study (docs/smat-cpu-study): held-out classes of five noto scripts (ID); four unseen "
+        "scripts, digits, MNIST and Fashion-MNIST (OOD); 5-way 1-shot, 15 queries per class",
+        SamplerConfig(mode="fixed", way=5, shot=1, query=15)),
 }
 
 
@@ -363,7 +377,7 @@ def freeze_named(
         name,
         {s.name: s for s in built},
         split if split is not None else recipe.split,  # type: ignore[union-attr]
-        sampler_cfg,
+        sampler_cfg if sampler_cfg is not None or recipe is None else recipe.sampler,
         n if n is not None else recipe.n,  # type: ignore[union-attr]
         seed,
         image_size,

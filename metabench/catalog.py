@@ -8,8 +8,16 @@ __all__ = ["catalog"]
 
 
 def _first_line(obj: object) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.splitlines()[0] if doc else ""
+    """The docstring's first sentence or paragraph, joined onto one line."""
+    doc = (inspect.getdoc(obj) or "").split("\n\n")[0]
+    return " ".join(doc.split())
+
+
+def _presets(cls: object) -> str:
+    """The ``learner.*`` values a learner sets under each run preset (SMAT's "paper" = the upstream recipe)."""
+    presets = getattr(cls, "presets", {}) or {}
+    return "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in options.items())
+                     for name, options in presets.items()) or "-"
 
 
 def catalog(what: str) -> list[dict[str, str]]:
@@ -17,7 +25,8 @@ def catalog(what: str) -> list[dict[str, str]]:
     if what == "learners":
         from metabench.learners import LEARNERS
 
-        return [{"name": n, "description": _first_line(LEARNERS.get(n))} for n in LEARNERS.names()]
+        return [{"name": n, "description": _first_line(LEARNERS.get(n)), "options per preset": _presets(LEARNERS.get(n))}
+                for n in LEARNERS.names()]
     if what == "backbones":
         from metabench.backbones import BACKBONES
 

@@ -114,6 +114,7 @@ class EvalConfig:
     lora_dropout: float = 0.1
     lora_target: str = LORA_TARGET  # regex fully matching the module names that get adapters
     lora_lr_scale: float = 10.0  # LoRA mode trains adapters at lr * lora_lr_scale (SMAT)
+    lora_qkv: str = "qkv"  # outputs of a fused qkv layer its adapter updates; "qv": query and value only (SMAT)
 
 
 @dataclass
@@ -153,12 +154,16 @@ PRESETS: dict[str, dict[str, Any]] = {
             ],
             "eval_sources": [
                 "ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower",
-                "traffic_sign", "mscoco", "mnist", "cifar10", "cifar100",
+                "traffic_sign", "mscoco", "cifar10", "cifar100", "mnist", "sketch", "clipart", "food101", "pets",
+                "cars",
             ],
         },
         "train": {"episodes": 50000, "tasks_per_update": 4, "probe_every": 250, "val_every": 500,
                   "val_episodes": 120, "val_ood_sources": ["traffic_sign", "mscoco"]},
-        "eval": {"episodes": 600, "steps": 50},
+        # Test-time fine-tuning as the SMAT code: AdamW (weight decay 0.01), LoRA r 8 / alpha 32 on query and value
+        # only, lr x 10, 50 steps (the rate is still chosen without test labels, eval.lr_selection).
+        "eval": {"episodes": 600, "steps": 50, "optimizer": "adamw", "weight_decay": 0.01,
+                 "lora_target": r"(.*\.)?blocks\.\d+\.attn\.qkv", "lora_qkv": "qv"},
     },
 }
 
@@ -280,6 +285,8 @@ def _check_fine_tuning(ev: EvalConfig) -> None:
     if not ev.lr_grid or min(ev.lr_grid) < 0 or (ev.lr is not None and ev.lr < 0):
         raise ConfigError('Config keys "eval.lr" and "eval.lr_grid" need non-negative learning rates '
                           "(and a non-empty grid).")
+    if not ev.lora_qkv or set(ev.lora_qkv) - set("qkv"):
+        raise ConfigError(f'Config key "eval.lora_qkv" must name some of q, k, v (e.g. qv), not "{ev.lora_qkv}".')
     for key in ("augment_prob", "flip_prob", "lora_dropout"):
         if not 0 <= getattr(ev, key) <= 1:
             raise ConfigError(f'Config key "eval.{key}" must be a probability between 0 and 1.')

@@ -141,6 +141,15 @@ def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / world_size() for k, v in zip(keys, values.tolist())}
 
 
+def average_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over the ranks (a copy; the tensor itself with one process)."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / world_size()
+
+
 def shard(n: int) -> range:
     """This rank's evaluation episodes among ``n``: i mod world == rank."""
     return range(rank(), n, world_size())

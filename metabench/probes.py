@@ -43,6 +43,7 @@ __all__ = [
     "expert_score_rows",
     "grad_alignment_rows",
     "gradient_alignment",
+    "read_mask_allocation",
     "write_expert_scores",
     "write_grad_alignment",
     "write_mask_overlap",
@@ -124,6 +125,23 @@ def write_expert_scores(rows: Iterable[dict], path: str | Path) -> Path:
 
 def write_mask_stats(learner: MaskInspector, path: str | Path) -> Path:
     return _write(learner.mask_stats(), MASK_STAT_COLUMNS, path)
+
+
+def read_mask_allocation(path: str | Path, n_experts: int) -> dict[str, list[float]]:
+    """Per backbone tensor, each expert's share of non-zero entries in a trained run's ``mask_stats.parquet``
+    (``path``: the file or the run folder): the allocation that fixed-mask ablations copy."""
+    path = Path(path)
+    file = path / "probes" / "mask_stats.parquet" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"No mask statistics at {file}; give learner.mask_allocation a finished SMAT run folder "
+                         "(it writes probes/mask_stats.parquet) or that file.")
+    stats = pd.read_parquet(file).groupby(["layer_name", "expert"])[["nonzero", "numel"]].sum()
+    experts = sorted(set(stats.index.get_level_values("expert")))
+    if experts != list(range(n_experts)):
+        raise ValueError(f"{file} holds masks of {len(experts)} experts, not {n_experts}; set learner.n_experts to "
+                         "the run's.")
+    share = (stats["nonzero"] / stats["numel"]).unstack("expert")
+    return {name: [float(v) for v in row] for name, row in share.iterrows()}
 
 
 def write_mask_overlap(learner: MaskInspector, path: str | Path) -> Path:

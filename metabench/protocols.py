@@ -68,6 +68,7 @@ class FineTuneOptions:
     lora_dropout: float = 0.1
     lora_target: str = LORA_TARGET
     lora_lr_scale: float = 10.0
+    lora_qkv: str = "qkv"  # which of a fused qkv layer's q, k, v outputs its adapter updates (SMAT: "qv")
     batch_size: int = 128  # pseudo-queries per step (a random subset when the support set is larger)
     seed: int = 0  # seeds the augmentation generator, so a task always gets the same pseudo-queries
 
@@ -146,6 +147,29 @@ def _inject_lora(model: nn.Module, options: FineTuneOptions) -> None:
     except ValueError as err:
         raise ValueError(f'The LoRA target regex "{options.lora_target}" (eval.lora_target) matches no layer of the '
                          f"{type(model).__name__} task model; set it to a regex over its module names.") from err
+    if options.lora_qkv != "qkv":
+        _restrict_qkv(model, options.lora_qkv)
+
+
+def _restrict_qkv(model: nn.Module, parts: str) -> None:
+    """Keep the adapters of fused ``qkv`` layers off the q, k or v outputs not in ``parts`` (e.g. "qv", as
+    SMAT's LoRA on separate query and value layers): their rows of lora_B start at zero and get no gradient,
+    so they stay zero under Adam and AdamW (decoupled weight decay keeps a zero at zero)."""
+    if not parts or set(parts) - set("qkv"):
+        raise ValueError(f'eval.lora_qkv must be a subset of "qkv" (e.g. "qv"), not "{parts}".')
+    for name, module in model.named_modules():
+        lora_b = getattr(module, "lora_B", None)
+        if not name.endswith("qkv") or lora_b is None:
+            continue
+        for linear in lora_b.values():
+            third = linear.weight.shape[0] // 3
+            keep = torch.zeros(linear.weight.shape[0], 1, dtype=linear.weight.dtype, device=linear.weight.device)
+            for i, part in enumerate("qkv"):
+                if part in parts:
+                    keep[i * third:(i + 1) * third] = 1.0
+            with torch.no_grad():
+                linear.weight.mul_(keep)
+            linear.weight.register_hook(lambda grad, keep=keep: grad * keep)
 
 
 def prepare(model: nn.Module, mode: str, options: FineTuneOptions) -> tuple[nn.Module, list[nn.Parameter]]:

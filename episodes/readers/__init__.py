@@ -19,6 +19,9 @@ SOURCES: Registry[Callable[..., Source]] = Registry("source", entry_point_group=
 # Embedded sources: built from data that installs with the project, so they work offline.
 SOURCES.register("noto", "episodes.readers.embedded:NotoGlyphs")
 SOURCES.register("digits", "episodes.readers.embedded:SklearnDigits")
+# Each Noto script as a domain of its own (multi-domain meta-training; the SMAT CPU study).
+for _name in ("latin", "cyrillic", "arabic", "devanagari", "thai", "telugu", "greek", "khmer", "tamil"):
+    SOURCES.register(f"noto_{_name}", f"episodes.readers.embedded:noto_{_name}")
 
 # Meta-Dataset TFRecords (no TensorFlow) and the packed HDF5 cache; a named MD source reads
 # <root>/<name>.h5 when it was converted, else the records in <root>/<name>/.

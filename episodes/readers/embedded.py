@@ -25,7 +25,7 @@ from episodes.readers.base import Source, cache_dir
 from episodes.readers.glyphs import NOTO_SCRIPTS
 from episodes.spec import DatasetSpec
 
-__all__ = ["NOTO_SCRIPTS", "NotoGlyphs", "SklearnDigits"]
+__all__ = ["NOTO_SCRIPTS", "NotoGlyphs", "NotoScript", "SCRIPT_CLASS_SPLIT", "SklearnDigits"]
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +193,64 @@ class SklearnDigits(Source):
         idx = self._check_read(class_id, indices)
         grey = self._images[self._offsets[class_id] + idx]
         return np.repeat(grey[..., None], 3, axis=-1)
+
+
+#: Class shares (train, valid, test) of a training script split by class in ``NotoScript``.
+SCRIPT_CLASS_SPLIT: tuple[float, float, float] = (0.6, 0.15, 0.25)
+
+
+class NotoScript(Source):
+    """One Noto script as a source of its own (``noto_<script>``), for multi-domain meta-training.
+
+    ``noto`` splits by script, as Omniglot by alphabet; here each script is a domain. A training script
+    of ``noto`` splits its classes (seeded, ``SCRIPT_CLASS_SPLIT``): meta-training draws from the train
+    classes, and its held-out test classes are in-domain. Every other script (Telugu, Greek, Khmer, Tamil)
+    keeps all its classes in the test split and is out of domain: unseen scripts near the training ones.
+    The glyphs are ``NotoGlyphs``' (one render and cache for all scripts).
+
+    Args:
+        root: unused (the data installs with the project).
+        script: a key of ``NOTO_SCRIPTS``.
+        cache: cache directory of the rendered glyphs; default ``cache_dir() / "embedded"``.
+    """
+
+    def __init__(self, root: str | None = None, *, script: str = "latin",
+                 cache: str | os.PathLike[str] | None = None) -> None:
+        if script not in NOTO_SCRIPTS:
+            raise ValueError(f'noto: unknown script "{script}"; choose from {", ".join(NOTO_SCRIPTS)}.')
+        self.name = f"noto_{script}"
+        self.glyphs = NotoGlyphs(cache=cache)
+        own = [i for i, (s, _) in enumerate(self.glyphs.classes) if s == script]
+        if NOTO_SCRIPTS[script].split == Split.TRAIN:
+            self.domain = "id"
+            order = np.random.default_rng([glyphs.SEED, len(own), list(NOTO_SCRIPTS).index(script)]).permutation(own)
+            n_train, n_valid = (round(share * len(own)) for share in SCRIPT_CLASS_SPLIT[:2])
+            counts = {Split.TRAIN: n_train, Split.VALID: n_valid, Split.TEST: len(own) - n_train - n_valid}
+            self._classes = [int(c) for c in order]  # train, then valid, then test: MD's global id order
+        else:
+            self.domain = "ood"
+            counts = {Split.TRAIN: 0, Split.VALID: 0, Split.TEST: len(own)}
+            self._classes = own
+        self.spec = DatasetSpec(
+            name=self.name, classes_per_split=counts,
+            images_per_class={i: self.glyphs.instances for i in range(len(self._classes))},
+            class_names={i: self.glyphs.spec.class_names[c] for i, c in enumerate(self._classes)})
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        return self.glyphs.native_size
+
+    def read(self, class_id: int, indices: Sequence[int]) -> np.ndarray:
+        idx = self._check_read(class_id, indices)
+        return self.glyphs.read(self._classes[class_id], idx)
+
+
+def _script_source(script: str) -> Any:
+    def make(root: str | None = None, **options: Any) -> NotoScript:
+        return NotoScript(root, script=script, **options)
+    make.__doc__ = f"Noto's {script.capitalize()} script as a source of its own (see ``NotoScript``)."
+    return make
+
+
+noto_latin, noto_cyrillic, noto_arabic, noto_devanagari, noto_thai, noto_telugu, noto_greek, noto_khmer, noto_tamil = (
+    _script_source(s) for s in NOTO_SCRIPTS)

@@ -20,9 +20,9 @@ LEARNERS.register("pmf", "baselines.pmf:PMF")
 LEARNERS.register("lora", "baselines.lora:LoRA")
 LEARNERS.register("finetune", "baselines.finetune:FineTune")
 LEARNERS.register("smat", "metabench.learners.smat:SMAT")
-LEARNERS.register("softmerge", "metabench.learners.smat:SoftMerge")
-LEARNERS.register("smat_random", "metabench.learners.smat:SMATRandom")
-LEARNERS.register("smat_magnitude", "metabench.learners.smat:SMATMagnitude")
+LEARNERS.register("softmerge", "metabench.learners.smat_ablations:SoftMerge")
+LEARNERS.register("smat_random", "metabench.learners.smat_ablations:SMATRandom")
+LEARNERS.register("smat_magnitude", "metabench.learners.smat_ablations:SMATMagnitude")
 
 
 def list_learners() -> list[str]:

@@ -1,4 +1,4 @@
-"""``smat``: Sparse MetA-Tuning (Chen et al., ICML 2024, arXiv:2403.08477), and its mask ablations.
+"""``smat``: Sparse MetA-Tuning (Chen et al., ICML 2024, arXiv:2403.08477); ablations in ``smat_ablations``.
 
 A task model is theta_i = theta_pre + (sum_m alpha_im z_m) * delta: the frozen pretrained backbone
 interpolated with a soft merge of M sparse experts (``metabench.nn.sparse_experts``), merge weights
@@ -7,22 +7,26 @@ alpha_i predicted from the support set by a router (``metabench.nn.router``).
 Meta-training, per task (gradient accumulation over the batch):
 
 1. alpha from the router (relaxed Bernoulli, temperature max(0.5, 5 - t/4000)), merge to theta_i;
-2. class prototypes of the support set under theta_i (they stay the head, as in ProtoMAML);
-3. one first-order SGD step (lr 1e-3) of the merged weights on the support cross-entropy: the inner
-   gradient is detached, so theta_i' = theta_i - lr * sg(g) and the query loss reaches delta, masks and
-   router through theta_i (and through the prototypes);
+2. class prototypes of the support set under theta_i: the head, as in ProtoMAML;
+3. one first-order SGD step (lr 1e-3) of the merged weights (and, with ``head_step``, of the head) on the
+   support cross-entropy: the inner gradient is detached, so theta_i' = theta_i - lr * sg(g) and the query
+   loss reaches delta, masks and router through theta_i (and through the prototypes);
 4. query cross-entropy at theta_i'; distillation from a dense task-specific teacher (a detached copy of
    theta_i' after ``teacher_steps`` SGD steps on the query set, as upstream, or on the support set) and,
    as upstream's code does, from the frozen pretrained model; loss = 0.75 CE + 0.25 KD + 1e-4 mean(l^2);
-5. once per update: the sparsity Lagrangian (``smat_losses``), optional SIMoE orthogonality, separate
-   optimisers for delta (SGD, momentum), masks (SGD, lr 1e6, clip 5) and router (AdamW, clip 1), a
-   cosine schedule with warm-up (``setup_training``), then ascent on the Lagrange multipliers.
+5. once per update: the sparsity Lagrangian (``smat_losses``; alpha-weighted as upstream under
+   ``constraint_weighting=alpha``), optional SIMoE orthogonality, separate optimisers for delta (SGD,
+   momentum), masks (SGD, lr 1e6, clip 5) and router (AdamW, clip 1) on ``learner.schedule``, then ascent
+   on the Lagrange multipliers.
 
-Deliberate departures from the upstream code (reference notes, section 7): the router's keys and
-tokens are trained and saved, and alpha ignores the class order; gates are the same in training and
-evaluation; distillation defaults to KL(teacher || student) (upstream computes the reverse, offered
-as ``kd_direction=student_teacher``); the teacher step count is honoured; the sparsity penalty is not
-alpha-weighted. The dense teacher uses the query labels, as upstream (``teacher_data=support`` avoids it).
+Departures from the upstream code, each an option (README, "SMAT: the upstream recipe"; the ``paper``
+preset selects upstream's): the sparsity terms are not alpha-weighted (``constraint_weighting``); one
+warm-up + cosine schedule to 0 with multipliers unscheduled, not upstream's per-epoch one
+(``schedule``); distillation is KL(teacher || student) (``kd_direction``); the inner and teacher steps
+leave the prototype head fixed (``head_step``). Fixes kept in every preset: the router's keys and tokens
+are trained and saved, and alpha ignores the class order; gates are the same in training and
+evaluation; the teacher step count is honoured. The dense teacher uses the query labels, as upstream
+(``teacher_data=support`` avoids it).
 
 Evaluation merges the experts into a dense copy of the backbone (``task_model``), so the generic
 fine-tuning protocols work unchanged; no inner step at zero-shot, as upstream.
@@ -35,7 +39,6 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -45,16 +48,17 @@ from torch.func import functional_call
 
 from episodes.episode import Episode, Support
 from metabench.learners import LEARNERS
-from metabench.distributed import world_size
+from metabench.distributed import average_tensor, world_size
 from metabench.learners.base import Learner, ProtoState, TaskState
 from metabench.learners.smat_config import SMATConfig
-from metabench.learners.smat_losses import LagrangianSparsity, distillation, warmup_cosine
+from metabench.learners.smat_losses import LagrangianSparsity, distillation, make_schedulers
 from metabench.learners.smat_probes import SMATProbes
 from metabench.nn.heads import class_prototypes, embed
+from metabench.probes import read_mask_allocation
 from metabench.nn.router import TaskRouter
 from metabench.nn.sparse_experts import GateCache, SparseInterpolatedExperts
 
-__all__ = ["SMAT", "SMATConfig", "SMATState", "SoftMerge", "SMATRandom", "SMATMagnitude"]
+__all__ = ["SMAT", "SMATConfig", "SMATState"]
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +76,13 @@ class _TaskOutcome:
     ce: float
     kd: float
     accuracy: float
+    alpha: Tensor  # the router's merge weights [M], detached
 
 
 @LEARNERS.register("smat")
 class SMAT(SMATProbes, Learner):
-    """Sparse interpolated experts merged per task by a support-set router (see the module docstring)."""
+    """Sparse MetA-Tuning (ICML 2024): sparse interpolated experts mixed per task by a support-set router; the
+    paper preset trains it with the upstream code's recipe."""
 
     Config = SMATConfig
     mask_kind: ClassVar[str] = "learned"
@@ -87,15 +93,24 @@ class SMAT(SMATProbes, Learner):
         # delta at 3e-5 of the backbone's norm), structured masks, a sparsity target that ramps over half the run.
         "cpu": {"structured": True, "kd_pretrained": False, "delta_optimizer": "adamw", "delta_lr": 1e-4,
                 "lambda_lr": 10.0, "sparsity_warmup": 0.5, "temperature_decay": 9.0},
+        # The upstream code's training dynamics (README, "SMAT: the upstream recipe"): alpha-weighted sparsity
+        # terms, one per-epoch schedule for every group, KL(student || teacher), head steps.
+        "paper": {"constraint_weighting": "alpha", "schedule": "upstream_epochs", "kd_direction": "student_teacher",
+                  "head_step": True},
     }
 
     def __init__(self, backbone, cfg: SMATConfig) -> None:
         super().__init__(backbone, cfg)
         backbone.requires_grad_(False)
+        if cfg.mask_allocation is not None and self.mask_kind not in ("random", "magnitude"):
+            raise ValueError(f"learner.mask_allocation applies to fixed masks (smat_random, smat_magnitude), "
+                             f'not to "{cfg.name}".')
+        allocation = (read_mask_allocation(cfg.mask_allocation, cfg.n_experts)
+                      if cfg.mask_allocation is not None else None)
         self.experts = SparseInterpolatedExperts(
             dict(backbone.named_parameters()), n_experts=cfg.n_experts, pattern=cfg.target,
             layer_types=cfg.layer_types, structured=cfg.structured, kind=self.mask_kind, density=1.0 - cfg.sparsity,
-            init_mean=cfg.mask_init_mean, init_std=cfg.mask_init_std, noise=cfg.mask_noise)
+            densities=allocation, init_mean=cfg.mask_init_mean, init_std=cfg.mask_init_std, noise=cfg.mask_noise)
         self.router = TaskRouter(backbone.feature_dim, cfg.n_experts, n_tokens=cfg.router_tokens,
                                  heads=cfg.router_heads, mlp_ratio=cfg.router_mlp_ratio,
                                  spectral_norm=cfg.router_spectral_norm)
@@ -108,6 +123,7 @@ class SMAT(SMATProbes, Learner):
                  ", structured" if cfg.structured else "")
         self.optimizers = self._make_optimizers()
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+        self._lambda_factor: Any = lambda update: 1.0  # the multipliers' rate factor per update (schedule)
         self._scaler: Any = None
         self._eval_gates: tuple[tuple[tuple[int, int], ...], dict[str, Tensor] | None] | None = None  # (key, gates)
 
@@ -134,18 +150,18 @@ class SMAT(SMATProbes, Learner):
         return opts
 
     def setup_training(self, total_updates: int) -> None:
-        """Cosine schedule with linear warm-up for delta, masks and router (multipliers keep their lr)."""
+        """Schedulers for delta, masks and router, and the multipliers' rate (``learner.schedule``)."""
         self._updates, self._total_updates = 0, total_updates
         if self.lagrangian is not None:
             self.lagrangian.set_progress(0.0 if self.cfg.sparsity_warmup > 0 else 1.0)
-        warmup = max(1, round(self.cfg.warmup_fraction * total_updates)) if self.cfg.warmup_fraction > 0 else 0
-        schedule = partial(warmup_cosine, warmup=warmup, total=max(1, total_updates))
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in self.optimizers.values()]
+        self.schedulers, self._lambda_factor = make_schedulers(self.optimizers, self.cfg, total_updates)
 
     def training_state(self) -> dict[str, Any]:
         return {**super().training_state(), "updates": self._updates}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
+        if "_scaler" in state.get("objects", {}) and self._scaler is None:
+            self._scaler = self._new_scaler()  # made at the first fp16 step: a fresh learner has none yet
         super().load_training_state(state)
         self._updates = int(state["updates"])
         if self.lagrangian is not None:
@@ -172,12 +188,16 @@ class SMAT(SMATProbes, Learner):
         for scheduler in self.schedulers:
             scheduler.step()
 
+    @staticmethod
+    def _new_scaler() -> Any:
+        return torch.amp.GradScaler("cuda")
+
     def _maybe_scaler(self) -> None:
         """fp16 autocast on CUDA (set by the engine) needs loss scaling; bf16 and fp32 do not."""
         fp16 = torch.cuda.is_available() and torch.is_autocast_enabled("cuda") \
             and torch.get_autocast_dtype("cuda") == torch.float16
         if fp16 and self._scaler is None:
-            self._scaler = torch.amp.GradScaler("cuda")
+            self._scaler = self._new_scaler()
         elif not fp16:
             self._scaler = None
 
@@ -198,37 +218,51 @@ class SMAT(SMATProbes, Learner):
 
     def _inner_adapt(self, theta: dict[str, Tensor], x: Tensor, y: Tensor,
                      way: int) -> tuple[dict[str, Tensor], Tensor]:
-        """Prototypes under theta_i (with their graph) and theta_i' after first-order SGD on the support CE."""
+        """theta_i' after first-order SGD on the support CE, and the head: the prototypes under theta_i (with
+        their graph), moved by the same steps when ``head_step`` (upstream's ProtoMAML fast head; the step is
+        detached, so the query loss still reaches theta_i through the prototypes)."""
+        cfg = self.cfg
         feats = self._features(theta, x)
-        prototypes = class_prototypes(feats, y, way)
-        params = theta
-        for step in range(self.cfg.inner_steps):
+        params, head = theta, class_prototypes(feats, y, way)
+        for step in range(cfg.inner_steps):
             if step:
                 feats = self._features(params, x)
-            loss = F.cross_entropy(self.logits(feats, prototypes.detach()), y)
-            grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True)  # no create_graph: first order
-            params = {n: p - self.cfg.inner_lr * g for (n, p), g in zip(params.items(), grads)}
-        return params, prototypes
+            leaf = head.detach().requires_grad_(cfg.head_step)
+            loss = F.cross_entropy(self.logits(feats, leaf), y)
+            inputs = [*params.values(), leaf] if cfg.head_step else list(params.values())
+            grads = torch.autograd.grad(loss, inputs, retain_graph=True)  # no create_graph: first order
+            params = {n: p - cfg.inner_lr * g for (n, p), g in zip(params.items(), grads)}
+            if cfg.head_step:
+                head = head - cfg.inner_lr * grads[-1]
+        return params, head
 
-    def _teacher_logits(self, ep: Episode, adapted: dict[str, Tensor], prototypes: Tensor, ce: Tensor) -> Tensor:
-        """Query logits of a dense teacher: a detached copy of theta_i' after SGD on query (or support) CE.
+    def _teacher_logits(self, ep: Episode, adapted: dict[str, Tensor], head: Tensor, ce: Tensor) -> Tensor:
+        """Query logits of a dense teacher: a detached copy of theta_i' (and, with ``head_step``, of its head)
+        after ``teacher_steps`` SGD steps on the query (or support) CE; otherwise the head stays fixed.
 
-        With query data its first gradient equals that of the student's query CE with respect to
-        theta_i', so it is read from the student's graph instead of a second forward pass.
+        After an inner step, the teacher's first gradient on query data is that of the student's query CE with
+        respect to theta_i' (and the head), read from the student's graph instead of a second forward pass.
+        Without one, theta_i' is theta_i, whose gradient also runs through the prototypes: the teacher then
+        takes its first step on its own forward pass.
         """
-        cfg, head = self.cfg, prototypes.detach()
-        if cfg.teacher_data == "query":
-            grads = torch.autograd.grad(ce, list(adapted.values()), retain_graph=True)
-            params = {n: (p - cfg.teacher_lr * g).detach() for (n, p), g in zip(adapted.items(), grads)}
-            steps = cfg.teacher_steps - 1
-        else:
-            params, steps = {n: p.detach() for n, p in adapted.items()}, cfg.teacher_steps
+        cfg = self.cfg
+        params, head = {n: p.detach() for n, p in adapted.items()}, head
         x, y = (ep.query_x, ep.query_y) if cfg.teacher_data == "query" else (ep.support_x, ep.support_y)
+        steps = cfg.teacher_steps
+        if cfg.teacher_data == "query" and cfg.inner_steps > 0:
+            inputs = [*adapted.values(), head] if cfg.head_step else list(adapted.values())
+            grads = torch.autograd.grad(ce, inputs, retain_graph=True)
+            params = {n: (p - cfg.teacher_lr * g).detach() for (n, p), g in zip(adapted.items(), grads)}
+            head = head - cfg.teacher_lr * grads[-1] if cfg.head_step else head
+            steps -= 1
+        head = head.detach()
         for _ in range(steps):
             params = {n: p.requires_grad_() for n, p in params.items()}
-            loss = F.cross_entropy(self.logits(self._features(params, x), head), y)
-            grads = torch.autograd.grad(loss, list(params.values()))
+            leaf = head.requires_grad_(cfg.head_step)
+            loss = F.cross_entropy(self.logits(self._features(params, x), leaf), y)
+            grads = torch.autograd.grad(loss, [*params.values(), leaf] if cfg.head_step else list(params.values()))
             params = {n: (p - cfg.teacher_lr * g).detach() for (n, p), g in zip(params.items(), grads)}
+            head = (leaf - cfg.teacher_lr * grads[-1]).detach() if cfg.head_step else leaf.detach()
         with torch.no_grad():
             return self.logits(self._features(params, ep.query_x), head)
 
@@ -256,7 +290,8 @@ class SMAT(SMATProbes, Learner):
         weight = cfg.kd_weight if targets else 0.0
         loss = (1 - weight) * ce + weight * kd + cfg.logit_penalty * router_logits.float().pow(2).mean()
         accuracy = (student.argmax(-1) == ep.query_y).float().mean().item()
-        return _TaskOutcome(loss, ce.item(), float(kd.detach()) if isinstance(kd, Tensor) else float(kd), accuracy)
+        return _TaskOutcome(loss, ce.item(), float(kd.detach()) if isinstance(kd, Tensor) else float(kd), accuracy,
+                            alpha.detach().float())
 
     # -- meta-training -------------------------------------------------------------------------------
 
@@ -274,10 +309,13 @@ class SMAT(SMATProbes, Learner):
             with torch.profiler.record_function("smat.backward"):
                 self._backward(outcome.loss / len(episodes))
             outcomes.append(outcome)
+        # Upstream weighs each expert's sparsity terms by the tasks' (detached) alpha: the batch mean, over all ranks
+        weights = (average_tensor(torch.stack([o.alpha for o in outcomes]).mean(0))
+                   if self.cfg.constraint_weighting == "alpha" else None)
         with torch.profiler.record_function("smat.masks"):
             density = self.experts.density(gates)
             if cache is not None and self.lagrangian is not None:
-                penalty = self.lagrangian.penalty(self.experts.expected_density())
+                penalty = self.lagrangian.penalty(self.experts.expected_density(), weights)
                 if self.cfg.ortho_weight > 0:
                     penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(cache.z)
                 self._backward(penalty)
@@ -287,18 +325,29 @@ class SMAT(SMATProbes, Learner):
             self._step()
             self.experts.clamp_()
         if self.lagrangian is not None:
-            self.lagrangian.ascend(density, self.cfg.lambda_lr, self.cfg.lambda_reset)
+            self.lagrangian.ascend(density, self.cfg.lambda_lr * self._lambda_factor(self._updates),
+                                   self.cfg.lambda_reset, weights)
             self._updates += 1
             ramp = self.cfg.sparsity_warmup * self._total_updates
             self.lagrangian.set_progress(self._updates / ramp if ramp > 0 else 1.0)
         temperature = self.temperature()
         self.tasks_seen += len(episodes) * world_size()  # every rank's share of the meta-batch
         n = len(outcomes)
+        alpha = torch.stack([o.alpha for o in outcomes])
         return {"loss": sum(o.loss.item() for o in outcomes) / n, "accuracy": sum(o.accuracy for o in outcomes) / n,
                 "ce": sum(o.ce for o in outcomes) / n, "kd": sum(o.kd for o in outcomes) / n,
                 "sparsity": 1.0 - float(density.mean()), "temperature": temperature,
                 "lambda": float(self.lagrangian.multipliers.detach().mean()) if self.lagrangian is not None else 0.0,
-                "lr_delta": lr}
+                "lr_delta": lr, **self._dynamics(alpha, density)}
+
+    def _dynamics(self, alpha: Tensor, density: Tensor) -> dict[str, float]:
+        """Training-log diagnostics: router entropy (nats; log M is uniform), the largest mean alpha, the norm of
+        the shared delta, and each expert's density (why a claim holds or fails, read from train_log.jsonl)."""
+        entropy = -(alpha.clamp_min(1e-12).log() * alpha).sum(-1).mean()
+        with torch.no_grad():
+            delta = torch.sqrt(sum(d.float().pow(2).sum() for d in self.experts.delta.values()))
+        return {"alpha_entropy": float(entropy), "alpha_max": float(alpha.mean(0).max()),
+                "delta_norm": float(delta), **{f"density_{m}": float(d) for m, d in enumerate(density.tolist())}}
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -356,28 +405,3 @@ class SMAT(SMATProbes, Learner):
                 "sparsity_target": self.cfg.sparsity if self.mask_kind != "dense" else 0.0,
                 "expert_sparsity": 1.0 - float(density.mean()), "targeted_parameters": self.experts.total,
                 "tasks_seen": int(self.tasks_seen)}
-
-
-@LEARNERS.register("softmerge")
-class SoftMerge(SMAT):
-    """SMAT's SoftMerge ablation: M dense experts (one full delta each, no masks, no sparsity) merged by
-    the same router and trained with the same objective."""
-
-    mask_kind = "dense"
-
-
-@LEARNERS.register("smat_random")
-class SMATRandom(SMAT):
-    """Hand-designed sparsity: each expert a fixed random mask keeping 1 - tau of every tensor; only delta
-    and the router meta-train."""
-
-    mask_kind = "random"
-
-
-@LEARNERS.register("smat_magnitude")
-class SMATMagnitude(SMAT):
-    """Hand-designed sparsity: each expert a fixed mask keeping 1 - tau of every tensor, drawn without
-    replacement with probability proportional to |theta_pre| (so experts differ); only delta and the router
-    meta-train."""
-
-    mask_kind = "magnitude"

@@ -3,8 +3,8 @@
 Targets come from a regex over the backbone's parameter names and a set of layer types; timm fuses
 q, k and v in one ``qkv`` Linear, so a q/k/v subset is a slice of its output rows (q first, then k,
 then v). Structured masks keep one gate per input column of a Linear weight and per output channel
-of a conv; everything else stays elementwise. Fixed masks (``random``, ``magnitude``) keep exactly
-round(density * n) entries per expert and tensor.
+of a conv; everything else stays elementwise. Fixed masks (``random``: a uniform subset; ``magnitude``:
+the largest |theta_pre|) keep exactly round(density * n) entries per expert and tensor.
 """
 
 from __future__ import annotations
@@ -117,16 +117,26 @@ def _importance(weight: Tensor, mask_shape: tuple[int, ...]) -> Tensor:
     return weight.pow(2).sum(dims, keepdim=True).sqrt()
 
 
-def fixed_masks(weight: Tensor, mask_shape: tuple[int, ...], n_experts: int, density: float, kind: str,
-                generator: torch.Generator) -> Tensor:
-    """``[M, *mask_shape]`` 0/1 masks with exactly round(density * n) ones per expert (Gumbel top-k:
-    uniform for "random", probability proportional to |theta_pre| for "magnitude")."""
+def fixed_masks(weight: Tensor, mask_shape: tuple[int, ...], n_experts: int, density: float | Sequence[float],
+                kind: str, generator: torch.Generator) -> Tensor:
+    """``[M, *mask_shape]`` 0/1 masks keeping exactly round(density_m * n) entries for expert m (``density``: one
+    share for all experts, or one per expert, e.g. a trained SMAT run's allocation).
+
+    "random": a uniformly random subset per expert (Gumbel top-k). "magnitude": magnitude pruning, the
+    entries of largest |theta_pre| (per structured gate, the L2 norm it covers), deterministic, so experts
+    with equal densities share one mask and a denser expert's mask contains a sparser one's.
+    """
     n = math.prod(mask_shape)
-    k = min(n, round(density * n))
-    if kind == "random":
-        log_w = torch.zeros(n)
+    shares = [float(density)] * n_experts if isinstance(density, (int, float)) else [float(d) for d in density]
+    if len(shares) != n_experts:
+        raise ValueError(f"fixed_masks got {len(shares)} densities for {n_experts} experts.")
+    masks = torch.zeros(n_experts, n)
+    if kind == "magnitude":
+        order = _importance(weight.detach().float().cpu(), mask_shape).flatten().argsort(descending=True, stable=True)
+        for m, share in enumerate(shares):
+            masks[m, order[:min(n, round(share * n))]] = 1.0
     else:
-        log_w = _importance(weight.detach().float().cpu(), mask_shape).flatten().clamp_min(1e-12).log()
-    u = torch.rand(n_experts, n, generator=generator).clamp(1e-12, 1 - 1e-12)
-    keep = (log_w - torch.log(-torch.log(u))).topk(k, dim=1).indices
-    return torch.zeros(n_experts, n).scatter_(1, keep, 1.0).view(n_experts, *mask_shape)
+        scores = -torch.log(-torch.log(torch.rand(n_experts, n, generator=generator).clamp(1e-12, 1 - 1e-12)))
+        for m, share in enumerate(shares):
+            masks[m, scores[m].topk(min(n, round(share * n))).indices] = 1.0
+    return masks.view(n_experts, *mask_shape)

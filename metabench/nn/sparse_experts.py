@@ -13,9 +13,9 @@ Storage: one tensor ``[M, *mask_shape]`` of mask logits per target, so M only mu
 Which tensors are targets, and the shapes of their masks, is ``metabench.nn.expert_targets``.
 
 Mask kinds: ``learned`` (SMAT), ``random`` and ``magnitude`` (fixed hand-designed masks keeping
-exactly round((1 - tau) n) entries per expert and tensor, drawn without replacement uniformly or with
-probability proportional to |theta_pre|, so experts differ), and ``dense`` (SoftMerge: M dense deltas,
-no masks).
+exactly round((1 - tau) n) entries per expert and tensor, or a trained run's per-expert, per-tensor
+densities: a uniformly random subset, or magnitude pruning, the largest |theta_pre|), and ``dense``
+(SoftMerge: M dense deltas, no masks).
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class SparseInterpolatedExperts(nn.Module):
         structured: one gate per Linear input column / conv output channel instead of per entry.
         kind: ``MASK_KINDS``.
         density: share of entries the fixed masks keep (1 - tau); unused by learned and dense kinds.
+        densities: per backbone parameter name, one share per expert overriding ``density`` (fixed kinds).
         init_mean, init_std: normal init of the mask logits.
         noise: sample hard-concrete noise during training.
         generator: random source for the mask init and the fixed masks.
@@ -88,7 +89,8 @@ class SparseInterpolatedExperts(nn.Module):
 
     def __init__(self, named_params: Mapping[str, Tensor], *, n_experts: int = 8, pattern: str = ".*",
                  layer_types: Sequence[str] | None = None, structured: bool = False, kind: str = "learned",
-                 density: float = 0.1, init_mean: float = 0.0, init_std: float = 0.5, noise: bool = False,
+                 density: float = 0.1, densities: Mapping[str, Sequence[float]] | None = None,
+                 init_mean: float = 0.0, init_std: float = 0.5, noise: bool = False,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         if kind not in MASK_KINDS:
@@ -105,9 +107,14 @@ class SparseInterpolatedExperts(nn.Module):
                                     .clamp(-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND))
                 for t in self.targets})
         elif kind in ("random", "magnitude"):
+            densities = densities or {}
+            unknown = sorted(set(densities) - {t.param for t in self.targets})
+            if unknown:
+                raise ValueError(f'The mask allocation names "{unknown[0]}", which is not a target of this backbone; '
+                                 "take the allocation from a run on the same backbone and targets.")
             for t in self.targets:  # persistent buffers: a checkpoint restores exactly these masks
-                weight = self._slice(named_params, t)
-                self.register_buffer(f"mask__{t.key}", fixed_masks(weight, t.mask_shape, n_experts, density, kind, g))
+                weight, share = self._slice(named_params, t), densities.get(t.param, density)
+                self.register_buffer(f"mask__{t.key}", fixed_masks(weight, t.mask_shape, n_experts, share, kind, g))
         self._by_param: dict[str, list[ExpertTarget]] = {}
         for t in self.targets:
             self._by_param.setdefault(t.param, []).append(t)
