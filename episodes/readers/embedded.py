@@ -25,7 +25,7 @@ from episodes.readers.base import Source, cache_dir
 from episodes.readers.glyphs import NOTO_SCRIPTS
 from episodes.spec import DatasetSpec
 
-__all__ = ["NOTO_SCRIPTS", "NotoGlyphs", "NotoScript", "SCRIPT_CLASS_SPLIT", "SklearnDigits"]
+__all__ = ["NOTO_SCRIPTS", "SCRIPT_CLASS_SPLIT", "NotoGlyphs", "NotoScript", "SklearnDigits"]
 
 log = logging.getLogger(__name__)
 

@@ -47,16 +47,16 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from episodes.episode import Episode, Support
-from metabench.learners import LEARNERS
 from metabench.distributed import average_tensor, world_size
+from metabench.learners import LEARNERS
 from metabench.learners.base import Learner, ProtoState, TaskState
 from metabench.learners.smat_config import SMATConfig
 from metabench.learners.smat_losses import LagrangianSparsity, distillation, make_schedulers
 from metabench.learners.smat_probes import SMATProbes
 from metabench.nn.heads import class_prototypes, embed
-from metabench.probes import read_mask_allocation
 from metabench.nn.router import TaskRouter
 from metabench.nn.sparse_experts import GateCache, SparseInterpolatedExperts
+from metabench.probes import read_mask_allocation
 
 __all__ = ["SMAT", "SMATConfig", "SMATState"]
 
@@ -246,7 +246,7 @@ class SMAT(SMATProbes, Learner):
         takes its first step on its own forward pass.
         """
         cfg = self.cfg
-        params, head = {n: p.detach() for n, p in adapted.items()}, head
+        params = {n: p.detach() for n, p in adapted.items()}
         x, y = (ep.query_x, ep.query_y) if cfg.teacher_data == "query" else (ep.support_x, ep.support_y)
         steps = cfg.teacher_steps
         if cfg.teacher_data == "query" and cfg.inner_steps > 0:

@@ -1,0 +1,73 @@
+"""The SMAT CPU study's claim tests on synthetic per-episode rows (the verdict follows the numbers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from studies.smat_cpu_claims import claim_a, claim_b, claim_c, domain_clustering, pooled
+
+
+def _rows(label: str, shift: dict[str, float], n: int = 60, seed: int = 0) -> pd.DataFrame:
+    """Episode rows of one run: two ID and two OOD sources, the same episodes for every label."""
+    rng = np.random.default_rng(seed)  # same seed -> same episode difficulty for every label
+    frames = []
+    for source, domain in (("a", "id"), ("b", "id"), ("x", "ood"), ("y", "ood")):
+        base = rng.uniform(0.4, 0.8, n)
+        noise = np.random.default_rng(abs(hash((label, source))) % 2**32).normal(0, 0.01, n)
+        frames.append(pd.DataFrame({"label": label, "learner": label, "source": source, "domain": domain,
+                                    "episode_id": [f"{source}{i}" for i in range(n)], "mode": "zero_shot",
+                                    "steps": 0, "accuracy": np.clip(base + shift[domain] + noise, 0, 1)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_pooled_pairs_the_same_episodes() -> None:
+    frame = pd.concat([_rows("s", {"id": 0.05, "ood": 0.02}), _rows("p", {"id": 0.0, "ood": 0.0})])
+    r = pooled(frame, "s", "p", "OOD")
+    assert r["n"] == 120 and r["diff"] == pytest.approx(2.0, abs=0.5) and r["p_t"] < 1e-6
+    assert pooled(frame, "s", "missing", "OOD") is None
+
+
+@pytest.mark.parametrize("ood_shift,verdict", [(0.03, "yes"), (-0.03, "no (PMF is better)"),
+                                               (0.0, "no (no significant difference)")])
+def test_claim_a_verdict_follows_the_paired_test(ood_shift: float, verdict: str) -> None:
+    frame = pd.concat([_rows("smat", {"id": 0.0, "ood": ood_shift}), _rows("pmf", {"id": 0.0, "ood": 0.0})])
+    answer = claim_a(frame, "smat")
+    assert answer.verdict == verdict and "n = 120" in answer.evidence
+
+
+def test_claim_a_without_the_runs_is_not_measured() -> None:
+    assert claim_a(_rows("pre", {"id": 0.0, "ood": 0.0}), "smat").verdict == "not measured"
+
+
+def test_claim_b_needs_rising_id_and_an_interior_ood_peak() -> None:
+    shifts = {0.5: (0.06, 0.00), 0.9: (0.03, 0.05), 0.99: (0.0, 0.01)}  # tau: (ID, OOD)
+    frame = pd.concat([_rows(f"t{t}", {"id": i, "ood": o}) for t, (i, o) in shifts.items()])
+    assert claim_b(frame, {t: f"t{t}" for t in shifts}).verdict == "yes"
+    flat = pd.concat([_rows(f"t{t}", {"id": 0.0, "ood": 0.06 - t / 20}) for t in shifts])
+    assert claim_b(flat, {t: f"t{t}" for t in shifts}).verdict == "no"
+
+
+def test_claim_c_counts_wins_over_each_fixed_mask() -> None:
+    frame = pd.concat([_rows("smat", {"id": 0.04, "ood": 0.04}), _rows("rand", {"id": 0.0, "ood": 0.0}),
+                       _rows("mag", {"id": 0.04, "ood": 0.0})])
+    answer = claim_c(frame, "smat", {"random": "rand", "magnitude": "mag"})
+    assert answer.verdict == "partly" and len(answer.rows) == 4
+
+
+def test_domain_clustering_separates_clustered_from_shuffled_scores() -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    for s, source in enumerate(("a", "b", "c")):
+        centre = np.eye(4)[s] + 0.2
+        for e in range(20):
+            alpha = np.abs(centre + rng.normal(0, 0.05, 4))
+            rows += [{"episode_id": f"{source}{e}", "source": source, "domain": "id", "expert": m,
+                      "alpha": float(a)} for m, a in enumerate(alpha / alpha.sum())]
+    clustered = pd.DataFrame(rows)
+    result = domain_clustering(clustered, permutations=200)
+    assert result["ratio"] < 0.5 and result["p"] < 0.01
+    shuffled = clustered.assign(source=clustered.groupby("episode_id")["source"].transform(
+        lambda s: rng.choice(["a", "b", "c"])))
+    assert domain_clustering(shuffled, permutations=200)["p"] > 0.01
