@@ -194,8 +194,11 @@ def claim_e(run_dirs: Mapping[str, Path], runs: Mapping[float, str], smat: str, 
     paired = stats.wilcoxon(hi[common] - lo[common]) if len(common) > 1 else None
     aligned = (rho is None or rho.statistic > 0) and hi[common].mean() > lo[common].mean() and paired is not None \
         and paired.pvalue < ALPHA
-    table = speedup(learning_curves({lab: load_train_log(run_dirs[lab]) for lab in (pmf, smat)}), pmf)
+    learning = learning_curves({lab: load_train_log(run_dirs[lab]) for lab in (pmf, smat)})
+    table = speedup(learning, pmf)
     row = table[table["label"] == smat].iloc[0]
+    final_ood = {lab: float(c.dropna(subset=["val_ood"])["val_ood"].iloc[-1]) * 100
+                 for lab, c in learning.groupby("label") if c["val_ood"].notna().any()}
     faster = not math.isnan(row["tasks_to_target"]) and row["tasks_to_target"] < row["baseline_tasks"]
     verdict = "yes" if aligned and faster else ("partly" if aligned or faster else "no")
     evidence = (", ".join(f"τ {t:g}: {means[t]:.4f}" for t in taus) + " (mean alignment of the shared delta's "
@@ -206,5 +209,7 @@ def claim_e(run_dirs: Mapping[str, Path], runs: Mapping[float, str], smat: str, 
                 + f". {smat} reaches {pmf}'s final validation ID accuracy ({row['target']:.2f}%, first reached by "
                 f"{pmf} at {row['baseline_tasks']:g} tasks) "
                 + (f"at {row['tasks_to_target']:g} tasks" if faster or not math.isnan(row["tasks_to_target"])
-                   else "never within the run") + ".")
+                   else "never within the run") + "."
+                + (f" Final validation OOD accuracy: {smat} {final_ood[smat]:.2f}%, {pmf} {final_ood[pmf]:.2f}%."
+                   if smat in final_ood and pmf in final_ood else ""))
     return Answer(claim, verdict, evidence, [{"tau": t, "alignment": means[t]} for t in taus])

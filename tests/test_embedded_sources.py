@@ -237,3 +237,24 @@ def test_read_idx_checks_the_header(tmp_path):
     (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 5, 1, 2]))
     with pytest.raises(ValueError, match=r"holds 2 bytes of data but its header says \(5,\)"):
         read_idx(tmp_path / "short")
+
+
+def test_each_noto_script_is_a_source_with_held_out_classes():
+    """Per-script sources (the SMAT CPU study's domains): a training script splits its classes, others are OOD."""
+    from episodes.readers.embedded import SCRIPT_CLASS_SPLIT, NotoScript
+
+    latin, again, greek = SOURCES.get("noto_latin")(), NotoScript(script="latin"), SOURCES.get("noto_greek")()
+    full = latin.glyphs
+    n_latin = sum(1 for s, _ in full.classes if s == "latin")
+    counts = latin.spec.classes_per_split
+    assert latin.domain == "id" and sum(counts.values()) == n_latin
+    assert counts[Split.TRAIN] == round(SCRIPT_CLASS_SPLIT[0] * n_latin) and counts[Split.TEST] >= 5
+    names = {split: {latin.spec.class_names[c] for c in latin.spec.class_ids(split)} for split in Split}
+    assert not (names[Split.TRAIN] & names[Split.TEST]) and not (names[Split.VALID] & names[Split.TEST])
+    assert all(n.startswith("latin") for n in names[Split.TRAIN])
+    assert again.spec.class_names == latin.spec.class_names  # the split is seeded
+    test_class = latin.spec.class_ids(Split.TEST)[0]
+    assert np.array_equal(latin.read(test_class, [0, 3]), full.read(latin._classes[test_class], [0, 3]))
+    assert greek.domain == "ood" and greek.spec.classes_per_split[Split.TEST] == greek.spec.num_classes
+    with pytest.raises(ValueError, match="unknown script"):
+        NotoScript(script="klingon")

@@ -15,7 +15,7 @@ def _rows(label: str, shift: dict[str, float], n: int = 60, seed: int = 0) -> pd
     frames = []
     for source, domain in (("a", "id"), ("b", "id"), ("x", "ood"), ("y", "ood")):
         base = rng.uniform(0.4, 0.8, n)
-        noise = np.random.default_rng(abs(hash((label, source))) % 2**32).normal(0, 0.01, n)
+        noise = 0.01 * (-1.0) ** np.arange(n) * (len(label) % 2 * 2 - 1)  # mean exactly 0: no difference by chance
         frames.append(pd.DataFrame({"label": label, "learner": label, "source": source, "domain": domain,
                                     "episode_id": [f"{source}{i}" for i in range(n)], "mode": "zero_shot",
                                     "steps": 0, "accuracy": np.clip(base + shift[domain] + noise, 0, 1)}))
