@@ -273,3 +273,13 @@ def test_package_file_of_another_model_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(bb, "package_file", lambda package, relative: other)
     with pytest.raises(WeightsError, match="tensors but the timm model expects 296"):
         create_backbone("efficientnet_lite0")
+
+
+def test_channels_last_inputs_give_the_features_of_nchw_inputs() -> None:
+    """EfficientNet runs on channels-last inputs (faster on CPU); the features are those of the NCHW forward."""
+    backbone = create_backbone("efficientnet_lite0").eval()
+    assert backbone.spec.channels_last
+    x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        nchw = backbone.model((x.float() / 255 - backbone.mean) / backbone.std)
+        assert torch.allclose(backbone(x), nchw, atol=1e-4, rtol=1e-4)
