@@ -163,3 +163,20 @@ def test_shipped_suites_load_and_match_the_installed_sources():
     for i in (0, 600, len(es) - 1):
         ep = es[i]
         assert ep.support_x.shape[1:] == (3, 84, 84) and ep.episode_id == test.plans[i].episode_id
+
+
+def test_smat_cpu_study_suite_is_its_recipe_frozen(tmp_path):
+    """The shipped study suite is what its recipe freezes now: same sources, shape and episodes (content hash)."""
+    from episodes.suites import RECIPES, STUDY_ID_SOURCES, freeze_named
+
+    shipped = load_suite("smat-cpu-study")
+    assert shipped.source_names == list(STUDY_ID_SOURCES) + list(RECIPES["smat-cpu-study"].sources[5:])
+    assert len(shipped) == 100 * 12 and (shipped.sampler.way, shipped.sampler.shot) == (5, 1)
+    names = [s for s in shipped.source_names if s != "fashion_mnist"]  # Debian's package may be absent
+    again = freeze_named("smat-cpu-study-check", sources=names, split="test", n=100,
+                         sampler_cfg=RECIPES["smat-cpu-study"].sampler, directory=tmp_path)
+    by_source = {p.source: [] for p in shipped.plans}
+    for plan in shipped.plans:
+        by_source[plan.source].append(plan.episode_id)
+    for plan_source in names:
+        assert [p.episode_id for p in again.plans if p.source == plan_source] == by_source[plan_source]
