@@ -51,8 +51,7 @@ RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "smat_random": ("smat_random", (*SMAT_RECIPE, f"learner.sparsity={MAIN_TAU}")),
     "smat_magnitude": ("smat_magnitude", (*SMAT_RECIPE, f"learner.sparsity={MAIN_TAU}")),
     # equal allocation: the fixed masks take the trained SMAT run's per-expert, per-tensor densities
-    **{f"{kind}-alloc": (kind, (*SMAT_RECIPE, f"learner.sparsity={MAIN_TAU}",
-                                f"learner.mask_allocation=runs/smat-cpu-study/smat-tau{MAIN_TAU}"))
+    **{f"{kind}-alloc": (kind, (*SMAT_RECIPE, f"learner.sparsity={MAIN_TAU}", f"learner.mask_allocation=ALLOCATION"))
        for kind in ("smat_random", "smat_magnitude")},
     **{f"smat-tau{t}": _smat(t) for t in (0.5, 0.99, 0.8, 0.95)},
     "softmerge": ("softmerge", SMAT_RECIPE),
@@ -82,6 +81,13 @@ def _status(run_dir: Path) -> str | None:
         return None
 
 
+def run_dir_of(name: str) -> Path:
+    """A run's folder: under runs/ while it exists there, else its committed copy under docs/ (finished runs;
+    no weights, so fine-tuning a copied run needs it trained again)."""
+    local, copy = OUT / name, DOCS / "runs" / name
+    return copy if _status(local) is None and _status(copy) == "finished" else local
+
+
 def _metabench(*args: str) -> None:
     cmd = [sys.executable, "-m", "metabench", *args]
     print("+", " ".join(cmd), flush=True)
@@ -93,7 +99,7 @@ def train(names: list[str]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name in names:
         learner, overrides = RUNS[name]
-        run_dir = OUT / name
+        run_dir = run_dir_of(name)
         status = _status(run_dir)
         if status == "finished":
             print(f"= {name}: finished", flush=True)
@@ -102,8 +108,9 @@ def train(names: list[str]) -> None:
         else:
             if run_dir.exists():  # a folder without a manifest holds nothing to resume
                 shutil.rmtree(run_dir)
+            allocation = str(run_dir_of(f"smat-tau{MAIN_TAU}").relative_to(ROOT))  # the trained SMAT run's masks
             _metabench("run", "--config", str(CONFIG), "--learner", learner, f"out_dir={OUT}", f"run_name={name}",
-                       *overrides)
+                       *(o.replace("ALLOCATION", allocation) for o in overrides))
 
 
 def finetune(names: list[str]) -> None:
@@ -111,7 +118,7 @@ def finetune(names: list[str]) -> None:
     import pandas as pd
 
     for name in names:
-        run_dir = OUT / name
+        run_dir = run_dir_of(name)
         rows = pd.read_parquet(run_dir / "episodes.parquet")
         if (rows["mode"] == "full").any():
             print(f"= {name}: fine-tuned", flush=True)
