@@ -21,7 +21,7 @@ from analysis.compare import paired_comparison
 from analysis.figures.curves import learning_curves, speedup
 from analysis.load import ProbeMissing, load_probes, load_train_log
 
-__all__ = ["Answer", "claim_a", "claim_b", "claim_c", "claim_d", "claim_e", "pooled"]
+__all__ = ["FAR_OOD", "GROUPS", "NEAR_OOD", "Answer", "claim_a", "claim_b", "claim_c", "claim_d", "claim_e", "pooled"]
 
 ALPHA = 0.05
 
@@ -36,13 +36,24 @@ class Answer:
     rows: list[dict] = field(default_factory=list)
 
 
+#: Out-of-domain sources near the training scripts (unseen scripts) and far from them (digits, clothing).
+NEAR_OOD: tuple[str, ...] = ("noto_telugu", "noto_greek", "noto_khmer", "noto_tamil")
+FAR_OOD: tuple[str, ...] = ("digits", "mnist", "fashion_mnist")
+GROUPS: dict[str, tuple[str, ...]] = {"OOD near": NEAR_OOD, "OOD far": FAR_OOD}
+
+
 def pooled(frame: pd.DataFrame, a: str, b: str, domain: str, mode: str = "zero_shot") -> dict | None:
-    """``a − b`` on the shared episodes of a domain ("ID" / "OOD"), pooled; None if a run is missing."""
+    """``a − b`` on the shared episodes of a domain ("ID", "OOD", or a group of ``GROUPS``), pooled; None if a
+    run is missing."""
     labels = set(frame["label"])
     if a not in labels or b not in labels:
         return None
-    table = paired_comparison(frame[frame["mode"] == mode], a, b)
-    row = table[(table["level"] == "domain") & (table["name"] == f"{domain} (pooled)")]
+    part = frame[frame["mode"] == mode]
+    if domain in GROUPS:
+        part = part[part["source"].isin(GROUPS[domain])]
+    table = paired_comparison(part, a, b)
+    name = "OOD" if domain in GROUPS else domain
+    row = table[(table["level"] == "domain") & (table["name"] == f"{name} (pooled)")]
     return {"a": a, "b": b, "domain": domain, "mode": mode, **row.iloc[0].to_dict()} if len(row) else None
 
 
@@ -62,7 +73,8 @@ def _missing(claim: str, names: list[str]) -> Answer:
 def claim_a(frame: pd.DataFrame, smat: str, pmf: str = "pmf") -> Answer:
     """(a) SMAT >= PMF out of domain, zero-shot and after full fine-tuning."""
     claim = "(a) SMAT ≥ PMF out of domain (zero-shot; after full fine-tuning)"
-    rows = [r for mode in ("zero_shot", "full") if (r := pooled(frame, smat, pmf, "OOD", mode)) is not None]
+    rows = [r for mode in ("zero_shot", "full") for domain in ("OOD", *GROUPS)
+            if (r := pooled(frame, smat, pmf, domain, mode)) is not None]
     if not rows:
         return _missing(claim, [smat, pmf])
     zero = rows[0]
@@ -72,7 +84,7 @@ def claim_a(frame: pd.DataFrame, smat: str, pmf: str = "pmf") -> Answer:
         verdict = "no (PMF is better)"
     else:
         verdict = "no (no significant difference)"
-    return Answer(claim, verdict, "; ".join(f"{r['mode']}: {_fmt(r)}" for r in rows), rows)
+    return Answer(claim, verdict, "; ".join(f"{r['mode']}, {r['domain']}: {_fmt(r)}" for r in rows), rows)
 
 
 def _sweep_means(frame: pd.DataFrame, runs: Mapping[float, str], domain: str) -> dict[float, float]:

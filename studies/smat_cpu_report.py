@@ -165,12 +165,12 @@ def _figures(frame: pd.DataFrame, run_dirs: Mapping[str, Path], fig_dir: Path) -
 
 
 def _extra_comparisons(frame: pd.DataFrame) -> list[str]:
-    pairs = [(MAIN, "pre"), (MAIN, "softmerge"), (MAIN, "lora"), ("pmf", "pre"), ("smat-upstream-tau0.9", MAIN),
-             ("smat-paper-recipe", MAIN)]
+    pairs = [(MAIN, "pmf"), (MAIN, "pre"), (MAIN, "softmerge"), (MAIN, "lora"), ("pmf", "pre"), ("lora", "pmf"),
+             ("smat-upstream-tau0.9", MAIN), ("smat-paper-recipe", MAIN)]
     lines = ["| a − b | domain | mode | n | diff (points) | 95% CI | p (t) | p (Wilcoxon) |", "|---|---|---|---|---|---|---|---|"]
     for a, b in pairs:
         for mode in ("zero_shot", "full"):
-            for domain in ("ID", "OOD"):
+            for domain in ("ID", "OOD", "OOD near", "OOD far"):
                 r = pooled(frame, a, b, domain, mode)
                 if r is not None:
                     lines.append(f"| {a} − {b} | {domain} | {mode} | {int(r['n'])} | {r['diff']:+.2f} | "
