@@ -340,15 +340,6 @@ class SMAT(SMATProbes, Learner):
                 "lambda": float(self.lagrangian.multipliers.detach().mean()) if self.lagrangian is not None else 0.0,
                 "lr_delta": lr, **self._dynamics(alpha, density)}
 
-    def _dynamics(self, alpha: Tensor, density: Tensor) -> dict[str, float]:
-        """Training-log diagnostics: router entropy (nats; log M is uniform), the largest mean alpha, the norm of
-        the shared delta, and each expert's density (why a claim holds or fails, read from train_log.jsonl)."""
-        entropy = -(alpha.clamp_min(1e-12).log() * alpha).sum(-1).mean()
-        with torch.no_grad():
-            delta = torch.sqrt(sum(d.float().pow(2).sum() for d in self.experts.delta.values()))
-        return {"alpha_entropy": float(entropy), "alpha_max": float(alpha.mean(0).max()),
-                "delta_norm": float(delta), **{f"density_{m}": float(d) for m, d in enumerate(density.tolist())}}
-
     # -- evaluation ----------------------------------------------------------------------------------
 
     def expert_scores(self, support: Support) -> Tensor:

@@ -25,6 +25,15 @@ __all__ = ["SMATProbes"]
 class SMATProbes:
     """Mixin for ``SMAT``: implements ``MaskInspector`` and ``MetaGradientSource``."""
 
+    def _dynamics(self: SMAT, alpha: Tensor, density: Tensor) -> dict[str, float]:
+        """Training-log diagnostics: router entropy (nats; log M is uniform), the largest mean alpha, the norm of
+        the shared delta, and each expert's density (why a claim holds or fails, read from train_log.jsonl)."""
+        entropy = -(alpha.clamp_min(1e-12).log() * alpha).sum(-1).mean()
+        with torch.no_grad():
+            delta = torch.sqrt(sum(d.float().pow(2).sum() for d in self.experts.delta.values()))
+        return {"alpha_entropy": float(entropy), "alpha_max": float(alpha.mean(0).max()),
+                "delta_norm": float(delta), **{f"density_{m}": float(d) for m, d in enumerate(density.tolist())}}
+
     def mask_stats(self: SMAT) -> list[dict]:
         """Non-zero counts per expert and layer (``metabench.probes.MaskInspector``)."""
         return self.experts.mask_stats()
