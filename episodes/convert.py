@@ -200,8 +200,10 @@ def convert_named(
     factory = SOURCES.get(source_name)
     if source_name in MD_SOURCES:
         options.setdefault("format", "tfrecord")
-        if image_size is not None:
-            options.setdefault("image_size", image_size)  # decode straight to the stored size
+    if image_size is not None and (source_name in MD_SOURCES or source_name == "md_tfrecords"):
+        # TFRecords hold encoded images of any size: decode straight to the stored size, as a direct read at
+        # that size does, instead of decoding at the default and resizing twice.
+        options.setdefault("image_size", image_size)
     source = factory(root=root, **options)
     if out is None:
         if root is None:

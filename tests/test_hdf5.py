@@ -154,6 +154,11 @@ def test_open_files_stay_constant(toy, tmp_path):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+def test_convert_generic_md_folder_at_a_size_matches_a_direct_read(root, tmp_path):
+    out = convert_named("md_tfrecords", str(root), out=tmp_path / "toy.h5", image_size=24, progress=False, path="toy")
+    assert_same_images(MetaDatasetTFRecords(root / "toy", image_size=24), PackedHDF5(out, name="toy"))
+
+
 def test_named_sources_prefer_a_matching_cache(root, tmp_path):
     assert isinstance(SOURCES.get("omniglot")(root=str(root)), MetaDatasetTFRecords)
     out = convert_named("omniglot", str(root), image_size=28, progress=False)
