@@ -199,7 +199,7 @@ def fixed_episodes(n: int, *, way: int = 5, shot: int = 5, query: int = 10, imag
     from episodes.readers.embedded import NotoGlyphs
     from episodes.sampler import SamplerConfig
 
-    config = SamplerConfig(mode="fixed", way=way, shot=shot, query=query)
+    config = SamplerConfig(mode="fixed", way=way, shot=shot, query=query, use_bilevel_hierarchy=False)
     es = EpisodeSet([NotoGlyphs()], "train", config, n, seed=seed, image_size=image_size, per_source=False)
     return [es[i] for i in range(n)]
 

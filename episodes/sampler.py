@@ -46,6 +46,8 @@ class SamplerConfig:
 
     The hierarchy switches apply only to specs that have one (a WordNet subgraph for the split,
     or superclasses); ``ignore_hierarchy_probability`` samples that share of their episodes flat.
+    As in Meta-Dataset, ``fixed`` cannot follow a hierarchy: on a source that has one, set the switch
+    to False (classes are then drawn uniformly over the split) or sampling stops with an error.
     """
 
     mode: str = "variable"
@@ -184,11 +186,20 @@ def _eligible_superclasses(spec: DatasetSpec, split: Split, cfg: SamplerConfig) 
     return [s for s in spec.superclass_ids(split) if len(spec.classes_of_superclass(s)) >= cfg.needed_ways]
 
 
+def _fixed_way_refusal(where: str, switch: str) -> str:
+    """Meta-Dataset's rule: a fixed way cannot follow a class hierarchy (its sampler raises "use_dag_hierarchy
+    is incompatible with num_ways"); with the hierarchy ignored, classes are drawn uniformly over the split."""
+    kind = "WordNet class hierarchy" if switch == "use_dag_hierarchy" else "superclasses (alphabets)"
+    return (f"{where} has {kind}, and a fixed way cannot follow them (Meta-Dataset refuses num_ways with a class "
+            f"hierarchy); set {switch}=false in this sampler's settings (data.sampler / data.train_sampler) to draw "
+            "the classes uniformly over the split, as Meta-Dataset then does, or use mode=variable.")
+
+
 def _sample_from_dag(dag: ClassDag, rng: np.random.Generator, cfg: SamplerConfig) -> tuple[int, ...]:
     """Meta-Dataset's ImageNet rule: one eligible internal node uniformly, its leaves, at most max ways of them."""
     nodes = dag.eligible(cfg.needed_ways, MAX_SPANNING_LEAVES_ELIGIBLE)
     leaves = nodes[int(rng.integers(len(nodes)))]
-    limit = cfg.way if cfg.mode == "fixed" else cfg.max_ways_upper_bound
+    limit = cfg.max_ways_upper_bound
     return _pick(rng, leaves, limit) if len(leaves) > limit else leaves
 
 
@@ -208,6 +219,9 @@ def sample_class_ids(
     split = parse_split(split)
     dag = _dag(spec, split, cfg)
     bilevel = dag is None and _uses_bilevel(spec, cfg)
+    if cfg.mode == "fixed" and (dag is not None or bilevel):
+        where = f'Source "{spec.name}" split {split.value}'
+        raise ValueError(_fixed_way_refusal(where, "use_dag_hierarchy" if dag is not None else "use_bilevel_hierarchy"))
     if (dag is not None or bilevel) and cfg.ignore_hierarchy_probability > 0:
         if rng.uniform() < cfg.ignore_hierarchy_probability:  # drawn only then: p=0 keeps old streams
             dag, bilevel = None, False
@@ -246,6 +260,8 @@ def check_split(spec: DatasetSpec, split: Split | str, cfg: SamplerConfig | None
             f"{where} has no node of its class hierarchy spanning {cfg.needed_ways} to "
             f"{MAX_SPANNING_LEAVES_ELIGIBLE} leaves; set use_dag_hierarchy=False or lower the ways."
         )
+    if cfg.mode == "fixed" and (dag is not None or _uses_bilevel(spec, cfg)):
+        raise ValueError(_fixed_way_refusal(where, "use_dag_hierarchy" if dag is not None else "use_bilevel_hierarchy"))
     if dag is None and _uses_bilevel(spec, cfg) and not _eligible_superclasses(spec, split, cfg):
         raise ValueError(
             f"{where} has no superclass with {cfg.needed_ways} classes or more; "

@@ -18,7 +18,8 @@ log = logging.getLogger("metabench")
 
 OVERRIDES_HELP = (
     "config overrides as dotted key=value pairs, applied last, e.g. eval.episodes=100 data.image_size=128 "
-    "learner.scale=10 data.sampler.mode=fixed data.sampler.way=5; unknown keys are an error"
+    "learner.scale=10 data.sampler.mode=fixed data.sampler.way=5 data.sampler.use_bilevel_hierarchy=false; unknown "
+    "keys are an error"
 )
 
 

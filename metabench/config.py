@@ -138,7 +138,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # On a CPU, meta-training uses 5-way 5-shot episodes (a variable episode of up to 1,000 images needs
     # ~10 GB of activations for one backward pass); evaluation keeps Meta-Dataset's variable episodes.
     "cpu": {
-        "data": {"image_size": 84, "train_sampler": {"mode": "fixed", "way": 5, "shot": 5, "query": 10}},
+        # fixed-way episodes ignore class hierarchies (noto's scripts, Omniglot's alphabets), as Meta-Dataset's do
+        "data": {"image_size": 84, "train_sampler": {"mode": "fixed", "way": 5, "shot": 5, "query": 10,
+                                                     "use_bilevel_hierarchy": False, "use_dag_hierarchy": False}},
         "train": {"episodes": 40},
         "eval": {"episodes": 15},
     },

@@ -140,11 +140,18 @@ def test_switches_ignore_probability_and_fixed_mode():
     mixed = [len(sample_class_ids(SPEC, "train", np.random.default_rng(s), ignore)) for s in range(1000)]
     off_dag = sum(w not in dag_ways for w in mixed) / len(mixed)
     assert 0.25 < off_dag < 0.5  # half the episodes are uniform, most of whose ways are off the DAG's
-    fixed = SamplerConfig(mode="fixed", way=5, shot=1, query=1)
+    # As upstream: a fixed way refuses the DAG; with it ignored, classes are uniform over the split.
+    with pytest.raises(ValueError, match=r'Source .* split train has WordNet class hierarchy.*use_dag_hierarchy=false'):
+        check_split(SPEC, "train", SamplerConfig(mode="fixed", way=5, shot=1, query=1))
+    with pytest.raises(ValueError, match="use_dag_hierarchy=false"):
+        sample_class_ids(SPEC, "train", np.random.default_rng(0), SamplerConfig(mode="fixed", way=5, shot=1, query=1))
+    fixed = SamplerConfig(mode="fixed", way=5, shot=1, query=1, use_dag_hierarchy=False)
     spans = span_sets(SPEC, "train")
-    for seed in range(100):
-        ids = set(sample_class_ids(SPEC, "train", np.random.default_rng(seed), fixed))
-        assert len(ids) == 5 and any(ids <= spans[n] for n in SMALL_ELIGIBLE)
+    every = set(SPEC.class_ids("train"))
+    proper = [spans[n] for n in SMALL_ELIGIBLE if spans[n] != every]
+    draws = [set(sample_class_ids(SPEC, "train", np.random.default_rng(seed), fixed)) for seed in range(100)]
+    assert all(len(ids) == 5 for ids in draws)
+    assert sum(any(ids <= p for p in proper) for ids in draws) < 50  # uniform draws span nodes
     with pytest.raises(ValueError, match="ignore_hierarchy_probability=1.5 must be between 0 and 1"):
         SamplerConfig(ignore_hierarchy_probability=1.5)
 

@@ -92,7 +92,7 @@ def test_training_mixes_sources_uniformly(noto, tmp_path):
 
 
 def test_image_size_and_fixed_mode(noto):
-    cfg = SamplerConfig(mode="fixed", way=5, shot=2, query=3)
+    cfg = SamplerConfig(mode="fixed", way=5, shot=2, query=3, use_bilevel_hierarchy=False)
     es = EpisodeSet([noto], "test", cfg, n_episodes=2, image_size=32)
     ep = es[1]
     assert ep.support_x.shape == (10, 3, 32, 32) and ep.query_x.shape == (15, 3, 32, 32)
@@ -105,7 +105,7 @@ def test_clear_errors(noto, digits):
     with pytest.raises(ValueError, match='Source "digits" split train has 0 classes'):
         EpisodeSet([noto, digits], "train", n_episodes=2)
     with pytest.raises(ValueError, match=r'Source "noto" split test class \d+ .* has 8 images, fewer than the 20'):
-        EpisodeSet([noto], "test", SamplerConfig(mode="fixed", shot=5, query=15))
+        EpisodeSet([noto], "test", SamplerConfig(mode="fixed", shot=5, query=15, use_bilevel_hierarchy=False))
     with pytest.raises(IndexError, match="out of range"):
         EpisodeSet([noto], "test", n_episodes=2).describe(2)
 

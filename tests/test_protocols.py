@@ -238,7 +238,7 @@ def test_validation_selection_refuses_test_episodes() -> None:
 # --- end to end ------------------------------------------------------------------------------------
 
 FAST = ["data.image_size=32", "eval.episodes=1", "data.eval_sources=[noto,digits]", "data.sampler.mode=fixed",
-        "data.sampler.way=3", "data.sampler.shot=2", "data.sampler.query=2", "eval.lr_grid=[0,1e-3]",
+        "data.sampler.use_bilevel_hierarchy=false", "data.sampler.way=3", "data.sampler.shot=2", "data.sampler.query=2", "eval.lr_grid=[0,1e-3]",
         "eval.lr_valid_episodes=1", "eval.steps=1"]
 
 

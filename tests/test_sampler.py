@@ -169,6 +169,18 @@ def test_fixed_mode():
     assert d == EpisodeDescription(d.class_ids, (1,) * 5, 15) and len(set(d.class_ids)) == 5
 
 
+def test_fixed_way_refuses_superclasses_unless_ignored_then_draws_uniformly():
+    spec = bilevel_spec()
+    cfg = SamplerConfig(mode="fixed", way=5, shot=1, query=1)
+    with pytest.raises(ValueError, match=r"superclasses \(alphabets\).*set use_bilevel_hierarchy=false"):
+        sample_episode_description(spec, "train", np.random.default_rng(0), cfg)
+    flat = SamplerConfig(mode="fixed", way=5, shot=1, query=1, use_bilevel_hierarchy=False)
+    supers = [set(spec.classes_of_superclass(s)) for s in spec.superclass_ids("train")]
+    draws = [set(sample_class_ids(spec, "train", np.random.default_rng(s), flat)) for s in range(100)]
+    assert all(len(ids) == 5 for ids in draws)
+    assert sum(any(ids <= m for m in supers) for ids in draws) < 20  # mostly across alphabets
+
+
 def test_any_way_any_shot_mode():
     cfg = SamplerConfig(mode="any", min_ways=2, max_ways_upper_bound=20, min_shot=1, max_shot=20, query=5)
     rng = np.random.default_rng(0)

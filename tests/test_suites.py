@@ -137,7 +137,7 @@ def test_names_and_recipes(noto, tmp_path):
         freeze_suite("../up", {"noto": noto}, "test", directory=tmp_path)
     small = freeze_named("embedded-valid", n=4, seed=3, sources=[noto], split="test", directory=tmp_path)
     assert small.split is Split.TEST and len(small) == 4 and small.source_names == ["noto"]
-    fixed = SamplerConfig(mode="fixed", shot=1, query=2)
+    fixed = SamplerConfig(mode="fixed", shot=1, query=2, use_bilevel_hierarchy=False)
     custom = freeze_named("mine", n=2, sources=[noto], split="test", sampler_cfg=fixed, directory=tmp_path)
     assert custom.sampler.mode == "fixed" and all(p.way == 5 for p in custom.plans)
     assert list_suites(tmp_path) == ["embedded-valid", "mine"]
