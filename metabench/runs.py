@@ -36,7 +36,8 @@ from metabench.lr_selection import LrSelector
 from metabench.protocols import Protocol, plan_protocols
 from metabench.results import EpisodeRow, FollowerRunWriter, RunWriter, load_run
 
-__all__ = ["RunOutcome", "build_sources", "eval_saved_run", "execute", "plan_eval", "resume_run"]
+__all__ = ["RunOutcome", "build_sources", "eval_episodes", "eval_saved_run", "execute", "plan_eval", "restore_learner",
+           "resume_run", "validation_episodes"]
 
 log = logging.getLogger(__name__)
 _VALID_SEED_OFFSET = 10_007  # lr-selection episodes never coincide with evaluation episodes of eval.split=valid
@@ -109,7 +110,7 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _eval_episodes(cfg: RunConfig, sources: dict[str, Source]) -> EpisodeSet:
+def eval_episodes(cfg: RunConfig, sources: dict[str, Source]) -> EpisodeSet:
     """The evaluation episodes: a frozen suite when ``eval.suite`` names one, else sampled from the seed."""
     eval_sources = [sources[n] for n in cfg.data.eval_sources]
     if cfg.eval.suite is None:
@@ -136,7 +137,7 @@ def plan_eval(cfg: RunConfig, learner: Learner, modes: list[str] | None = None,
         raise ConfigError(str(err)) from None
 
 
-def _validation_episodes(cfg: RunConfig, sources: dict[str, Source]) -> dict[str, list[Episode]]:
+def validation_episodes(cfg: RunConfig, sources: dict[str, Source]) -> dict[str, list[Episode]]:
     """``eval.lr_valid_episodes`` validation episodes of each evaluation source that has a usable validation split."""
     found: dict[str, list[Episode]] = {}
     for name in dict.fromkeys(cfg.data.eval_sources):
@@ -163,9 +164,9 @@ def _evaluate(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writ
     selector = LrSelector.from_eval(cfg.eval, seed=cfg.seed)
     tuning = [p for p in protocols if p.fine_tunes]
     if tuning and selector.wants_validation:
-        select_learning_rates(learner, selector, _validation_episodes(cfg, sources), tuning,
+        select_learning_rates(learner, selector, validation_episodes(cfg, sources), tuning,
                               device=device, precision=precision)
-    episode_set = episode_set if episode_set is not None else _eval_episodes(cfg, sources)
+    episode_set = episode_set if episode_set is not None else eval_episodes(cfg, sources)
     ctx = EvalContext(run_id, cfg.learner.name, cfg.backbone.name, {n: s.domain for n, s in sources.items()})
     mine = shard(len(episode_set))  # all of them in a single process
     order: dict[tuple[str, str], int] = {}
@@ -228,7 +229,7 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
     if cfg.train.episodes and learner.meta_trainable:
         for name in cfg.data.train_sources:
             check_split(sources[name].spec, Split.TRAIN, cfg.data.train_sampler)
-    eval_set = _eval_episodes(cfg, sources)
+    eval_set = eval_episodes(cfg, sources)
     run_id = share_from_rank0(run_dir.name if run_dir is not None else _run_id(cfg))
     folder = run_dir or Path(cfg.out_dir) / run_id
     writer = RunWriter(folder) if is_main() else FollowerRunWriter(folder)
@@ -266,6 +267,16 @@ def resume_run(run_dir: Path, *, progress: bool = True) -> RunOutcome:
     return execute(cfg, progress=progress, run_dir=run_dir, resume=True)
 
 
+def restore_learner(cfg: RunConfig, run_dir: Path, device: torch.device) -> Learner:
+    """The run's learner on ``device``: its backbone rebuilt from the config, its trained weights loaded from
+    the run's checkpoint (a learner without meta-training has none and keeps its backbone's weights)."""
+    backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights, allow_download=cfg.backbone.allow_download)
+    learner = create_learner(cfg.learner.name, backbone, cfg.learner)
+    if (run_dir / CHECKPOINT).exists():
+        load_learner_state(learner, run_dir / CHECKPOINT)
+    return learner.to(device)
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -287,11 +298,7 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | No
     device = select_device(init_from_env(cfg.device))
     precision = resolve_precision(cfg.precision, device)
     sources = build_sources(cfg.data.eval_sources, cfg.data.root)
-    backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights, allow_download=cfg.backbone.allow_download)
-    learner = create_learner(cfg.learner.name, backbone, cfg.learner)
-    if (run_dir / CHECKPOINT).exists():
-        load_learner_state(learner, run_dir / CHECKPOINT)
-    learner.to(device)
+    learner = restore_learner(cfg, run_dir, device)
     protocols = plan_eval(cfg, learner, modes, steps)
     writer = RunWriter(run_dir, append=True) if is_main() else FollowerRunWriter(run_dir)
     recorder = ProbeRecorder(learner, run_dir, append=True)
