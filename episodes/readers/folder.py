@@ -1,10 +1,12 @@
 """Image folders: the out-of-distribution datasets users download themselves (DomainNet, Food-101, EuroSAT, ...).
 
-Two layouts are read, and told apart automatically:
+Three layouts are read, and told apart automatically:
 
 * ``root/<class>/*.jpg`` (one sub-folder per class; class names are the sorted folder names). When
   no sub-folder holds images but exactly one holds class folders (``food-101/images/``,
   ``EuroSAT/2750/``), that one is used.
+* ``root/<superclass>/<class>/*.png`` (``nested``: Omniglot's released layout, alphabets then characters):
+  classes are ``<superclass>/<class>``, and their folders are superclasses for the bilevel sampler.
 * Meta-Album's ``root/labels.csv`` (columns FILE_NAME, CATEGORY and maybe SUPER_CATEGORY) with
   the files under ``root/images/``. A labels.csv also suits datasets shipped flat with their
   labels in a table (Oxford Pets, Stanford Cars, ISIC, ChestX).
@@ -35,9 +37,9 @@ from episodes.readers.base import Source
 from episodes.readers.folder_index import (  # re-exported: this module was their home
     IMAGE_EXTENSIONS,
     INDEX_VERSION,
+    LAYOUTS,
     ClassFiles,
     FolderSourceError,
-    detect_layout,
     index_path,
     load_or_scan,
     read_exclusion,
@@ -130,15 +132,19 @@ def _read_splits(splits: Mapping[str, Sequence[str]] | str | os.PathLike[str] | 
     return out
 
 
-def _check_assignment(classes: Sequence[ClassFiles], split_of: Mapping[str, Split], where: str) -> None:
-    unknown = sorted(set(split_of) - {c.name for c in classes})
+def _assign(classes: Sequence[ClassFiles], split_of: Mapping[str, Split], where: str) -> dict[str, Split]:
+    """Class name -> split, where ``split_of`` names classes or whole superclasses (a class's own entry wins)."""
+    supers = {c.superclass for c in classes if c.superclass is not None}
+    unknown = sorted(set(split_of) - {c.name for c in classes} - supers)
     if unknown:
-        raise FolderSourceError(f'{where}: splits names class "{unknown[0]}", which is not in the data; '
-                                "fix the name or remove it.")
-    unlisted = [c.name for c in classes if c.name not in split_of]
+        raise FolderSourceError(f'{where}: splits names class "{unknown[0]}", which is not in the data (neither a '
+                                "class nor a superclass); fix the name or remove it.")
+    assigned = {c.name: split_of.get(c.name, split_of.get(str(c.superclass))) for c in classes}
+    unlisted = [name for name, split in assigned.items() if split is None]
     if unlisted:
         raise FolderSourceError(f'{where}: class "{unlisted[0]}" is in no split ({len(unlisted)} unassigned); '
-                                "list every class in splits.")
+                                "list every class (or its superclass) in splits.")
+    return assigned  # type: ignore[return-value]
 
 
 def _build_spec(
@@ -183,16 +189,19 @@ class ImageFolderSource(Source):
     """A folder of images, one class per sub-folder or a Meta-Album labels.csv; every class in TEST by default.
 
     Args:
-        root: the folder (``root/<class>/*.jpg``, or ``root/labels.csv`` + ``root/images/``).
+        root: the folder (``root/<class>/*.jpg``, ``root/<superclass>/<class>/*.png``, or ``root/labels.csv`` +
+            ``root/images/``).
         name: source name in episodes and results; default ``"folder"``.
         domain: ``"ood"`` (held out) or ``"id"``.
         split: the split every class goes to when ``splits`` is not given.
         image_size: decoded images are ``image_size`` squares; None keeps the native size, which
             must then be the same for every image (Meta-Album's are all 128 x 128).
-        layout: ``"auto"``, ``"folders"`` or ``"meta_album"``.
-        splits: ``{"train": [class names], "valid": [...], "test": [...]}`` or a JSON file of it.
-        superclasses: use Meta-Album's SUPER_CATEGORY as superclasses (the sampler then draws all
-            ways of an episode from one super-category, as with Omniglot alphabets).
+        layout: ``"auto"``, ``"folders"``, ``"nested"`` or ``"meta_album"``.
+        splits: ``{"train": [class or superclass names], "valid": [...], "test": [...]}`` or a JSON file of it;
+            a superclass name assigns all its classes (``nested`` classes are named ``<superclass>/<class>``).
+        superclasses: use the superclasses (the nested layout's folders, Meta-Album's SUPER_CATEGORY): the
+            sampler then draws all ways of an episode from one of them, as with Omniglot alphabets. Default:
+            on for the nested layout, off otherwise.
         resize: ``"squash"`` (Meta-Dataset's direct resize) or ``"crop"`` (shorter side, centre crop).
         exclude: files to leave out, e.g. images duplicating another source's test images (Meta-Dataset's
             ``ImageNet_CUBirds_duplicates.txt`` works as is): a text file (looked up as given, then under
@@ -215,7 +224,7 @@ class ImageFolderSource(Source):
         image_size: int | None = 128,
         layout: str = "auto",
         splits: Mapping[str, Sequence[str]] | str | os.PathLike[str] | None = None,
-        superclasses: bool = False,
+        superclasses: bool | None = None,
         resize: str = "squash",
         exclude: str | os.PathLike[str] | Sequence[str] | None = None,
     ) -> None:
@@ -232,15 +241,19 @@ class ImageFolderSource(Source):
             raise FileNotFoundError(f"Image folder {self.root} does not exist; "
                                     "download the data there or fix the path.")
         self.domain, self.image_size, self.resize = domain, image_size, resize
-        self.layout = detect_layout(self.root, layout)
-        self._base, classes, self.excluded = load_or_scan(self.root, self.layout, read_exclusion(exclude, self.root))
+        if layout not in LAYOUTS:
+            raise ValueError(f'Folder layout "{layout}" is unknown; use one of {", ".join(LAYOUTS)}.')
+        self._base, classes, self.excluded, self.layout = load_or_scan(self.root, layout,
+                                                                      read_exclusion(exclude, self.root))
         if not classes:
             raise FolderSourceError(f"Folder {self.root} lists no images; add images or labels.csv rows.")
         split_of = _read_splits(splits)
         if split_of is None:
             split_of = dict.fromkeys((c.name for c in classes), parse_split(split))
         else:
-            _check_assignment(classes, split_of, str(self.root))
+            split_of = _assign(classes, split_of, str(self.root))
+        if superclasses is None:
+            superclasses = self.layout == "nested"
         ordered, self.spec = _build_spec(self.name, classes, split_of, superclasses, str(self.root))
         self._files = [tuple(c.files[i] for i in within_class_order(c.name, len(c.files))) for c in ordered]
         self._native = (image_size, image_size) if image_size is not None else self._probe_size()

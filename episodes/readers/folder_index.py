@@ -1,7 +1,8 @@
-"""Listing image folders: the two layouts, exclusion lists, and the JSON index cache.
+"""Listing image folders: the three layouts, exclusion lists, and the JSON index cache.
 
 A folder source's class list (names, sorted files, super-categories) is built by scanning
-``root/<class>/`` or reading Meta-Album's ``labels.csv``, then cached as JSON under
+``root/<class>/``, ``root/<superclass>/<class>/`` (Omniglot's released layout: alphabets, then characters)
+or reading Meta-Album's ``labels.csv``, then cached as JSON under
 ``cache_dir()/index`` and checked against the folders' modification times, so a large folder is
 listed once, not every run. The cache helpers are shared with the tfds reader.
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 INDEX_VERSION = 1
-LAYOUTS = ("auto", "folders", "meta_album")
+LAYOUTS = ("auto", "folders", "nested", "meta_album")
 _reported: set[tuple[str, int, tuple[str, ...]]] = set()  # exclusion outcomes already logged by this process
 
 
@@ -196,6 +197,29 @@ def _scan_folders(root: Path, exclusion: Exclusion | None, dropped: list[str]) -
     return base, classes
 
 
+def _scan_nested(root: Path, exclusion: Exclusion | None, dropped: list[str]) -> tuple[Path, list[ClassFiles]]:
+    """``root/<superclass>/<class>/*``: a class is named ``<superclass>/<class>`` (Omniglot's ``character01`` recurs
+    in every alphabet), its superclass is the folder above it."""
+    classes = []
+    for sup in _subdirs(root):
+        if _has_images(sup):
+            raise FolderSourceError(f"Folder {sup} holds images beside its class folders; the nested layout needs "
+                                    f"{root}/<superclass>/<class>/<images> (move them into a class folder).")
+        for d in _subdirs(sup):
+            files = sorted(f"{sup.name}/{d.name}/{e.name}" for e in os.scandir(d) if e.is_file() and _is_image(e.name))
+            if not files:
+                raise FolderSourceError(f"Class folder {d} has no images (.jpg, .png, ...); add images or remove it.")
+            kept = _keep(files, exclusion, "", dropped)
+            if not kept:
+                raise FolderSourceError(f"The exclusion list excludes every image of class folder {d}; "
+                                        "remove the folder or shorten the list.")
+            classes.append(ClassFiles(f"{sup.name}/{d.name}", tuple(kept), sup.name))
+    if not classes:
+        raise FolderSourceError(f"Folder {root} has no <superclass>/<class>/ folders with images; "
+                                "use layout=folders for one folder per class.")
+    return root, classes
+
+
 def _scan_meta_album(root: Path, exclusion: Exclusion | None, dropped: list[str]) -> tuple[Path, list[ClassFiles]]:
     labels, base = root / "labels.csv", root / "images"
     file_col, cat_col, super_col = "FILE_NAME", "CATEGORY", "SUPER_CATEGORY"
@@ -232,13 +256,24 @@ def _scan_meta_album(root: Path, exclusion: Exclusion | None, dropped: list[str]
     return base, classes
 
 
+def _looks_nested(root: Path) -> bool:
+    """No images one level down, and two or more folders whose own sub-folders hold images."""
+    subdirs = _subdirs(root)
+    if any(_has_images(d) for d in subdirs):
+        return False
+    return sum(any(_has_images(c) for c in _subdirs(d)[:1]) for d in subdirs) >= 2
+
+
 def detect_layout(root: Path, layout: str) -> str:
-    """``layout``, or for ``"auto"`` the one ``root`` is in (a labels.csv means Meta-Album)."""
+    """``layout``, or for ``"auto"`` the one ``root`` is in: a labels.csv means Meta-Album, class folders grouped
+    in two or more superclass folders mean ``nested``, else class folders."""
     if layout not in LAYOUTS:
         raise ValueError(f'Folder layout "{layout}" is unknown; use one of {", ".join(LAYOUTS)}.')
     if layout != "auto":
         return layout
-    return "meta_album" if (root / "labels.csv").is_file() else "folders"
+    if (root / "labels.csv").is_file():
+        return "meta_album"
+    return "nested" if _looks_nested(root) else "folders"
 
 
 def _stamp(root: Path, layout: str, watched: Sequence[str], exclusion: Exclusion | None) -> dict[str, Any]:
@@ -254,15 +289,21 @@ def _stamp(root: Path, layout: str, watched: Sequence[str], exclusion: Exclusion
 def _watched(root: Path, base: Path, layout: str, classes: Sequence[ClassFiles]) -> list[str]:
     if layout == "meta_album":
         return [".", "labels.csv", "images"]
+    if layout == "nested":
+        return [".", *dict.fromkeys(str(c.superclass) for c in classes), *(c.name for c in classes)]
     prefix = os.path.relpath(base, root)
     parts = [] if prefix == "." else Path(prefix).parts
     between = [os.path.join(*parts[: k + 1]) for k in range(len(parts))]  # every folder down to the classes
     return [".", *between, *(os.path.normpath(os.path.join(prefix, c.name)) for c in classes)]
 
 
-def load_or_scan(root: Path, layout: str, exclusion: Exclusion | None = None) -> tuple[Path, list[ClassFiles], int]:
-    """(image base folder, classes, files excluded) of ``root``, from the cached index when nothing has
-    changed since it was written. The exclusion list's hash is part of the cache key."""
+def load_or_scan(root: Path, layout: str,
+                 exclusion: Exclusion | None = None) -> tuple[Path, list[ClassFiles], int, str]:
+    """(image base folder, classes, files excluded, layout) of ``root``, from the cached index when nothing has
+    changed since it was written. The exclusion list's hash is part of the cache key. ``layout="auto"`` is
+    resolved on a scan (``detect_layout``) and remembered in the index, so a valid index costs no listing."""
+    if layout == "auto" and (root / "labels.csv").is_file():
+        layout = "meta_album"
     key = f"{root}|{layout}" if exclusion is None else f"{root}|{layout}|exclude={exclusion.digest}"
     path = index_path("folder", key)
     try:  # only stat() calls here: a valid index costs no directory listing
@@ -274,20 +315,22 @@ def load_or_scan(root: Path, layout: str, exclusion: Exclusion | None = None) ->
         classes = [ClassFiles(c["name"], tuple(c["files"]), c.get("superclass")) for c in cached["classes"]]
         log.debug("Folder %s: %d classes from the cached index %s", root, len(classes), path)
         base, excluded, unmatched = root / cached["base"], int(cached.get("excluded", 0)), cached.get("unmatched", [])
+        found = cached.get("layout", layout)
     else:
         dropped: list[str] = []
-        scan = _scan_meta_album if layout == "meta_album" else _scan_folders
+        found = detect_layout(root, layout)
+        scan = {"meta_album": _scan_meta_album, "nested": _scan_nested}.get(found, _scan_folders)
         base, classes = scan(root, exclusion, dropped)
         excluded, unmatched = len(dropped), []
         if exclusion is not None:
             unmatched = exclusion.unmatched(dropped, _prefix(base, root))
-        payload = {"base": os.path.relpath(base, root), "excluded": excluded, "unmatched": unmatched,
+        payload = {"base": os.path.relpath(base, root), "excluded": excluded, "unmatched": unmatched, "layout": found,
                    "classes": [{"name": c.name, "files": list(c.files), "superclass": c.superclass} for c in classes]}
-        write_index(path, _stamp(root, layout, _watched(root, base, layout, classes), exclusion), payload)
+        write_index(path, _stamp(root, layout, _watched(root, base, found, classes), exclusion), payload)
         log.info("Folder %s: indexed %d classes, %d images", root, len(classes), sum(len(c.files) for c in classes))
     if exclusion is not None:
         _report(root, exclusion, excluded, unmatched)
-    return base, classes, excluded
+    return base, classes, excluded, found
 
 
 def _report(root: Path, exclusion: Exclusion, excluded: int, unmatched: Sequence[str]) -> None:
