@@ -42,7 +42,7 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from metabench.distributed import attach_grad_averaging, broadcast_module, init_from_env, is_main, shutdown
     from metabench.engine import meta_train, select_device
     from metabench.learners import create_learner
-    from metabench.runs import build_sources
+    from episodes.configured import build_sources
     from metabench.training import rank_tasks
 
     quiet_logs()

@@ -25,7 +25,7 @@ from episodes.loader import resize_uint8
 from episodes.readers.base import Source
 from episodes.readers.hdf5 import FORMAT, FORMAT_VERSION, STORES
 
-__all__ = ["convert_named", "convert_source"]
+__all__ = ["convert_configured", "convert_named", "convert_source"]
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +205,29 @@ def convert_named(
         # that size does, instead of decoding at the default and resizing twice.
         options.setdefault("image_size", image_size)
     source = factory(root=root, **options)
+    return convert_source(source, _target(source_name, root, out), image_size=image_size, store=store,
+                          compression=compression, progress=progress)
+
+
+def _target(name: str, root: str | None, out: str | os.PathLike[str] | None) -> Path:
+    """``out`` (a file, or a folder that receives ``<name>.h5``), else ``<root>/<name>.h5``."""
     if out is None:
         if root is None:
-            raise ValueError(f'Converting "{source_name}" needs out=... (or data.root=...) to know where to write.')
-        target = Path(root) / f"{source_name}.h5"
-    else:
-        target = Path(out) / f"{source_name}.h5" if Path(out).is_dir() else Path(out)
-    return convert_source(source, target, image_size=image_size, store=store, compression=compression,
+            raise ValueError(f'Converting "{name}" needs out=... (or data.root=...) to know where to write.')
+        return Path(root) / f"{name}.h5"
+    return Path(out) / f"{name}.h5" if Path(out).is_dir() else Path(out)
+
+
+def convert_configured(name: str, settings: Any, root: str | None, out: str | os.PathLike[str] | None = None,
+                       image_size: int | None = None, store: str = "uint8", *, progress: bool = True) -> Path:
+    """Convert a source defined in ``data.sources`` (``settings``: its ``SourceSettings``); a reader that decodes to
+    a size (folders, TFRecords) is given ``image_size`` directly, so no image is resized twice."""
+    import dataclasses
+
+    from episodes.configured import KINDS, open_configured
+
+    if image_size is not None and "image_size" in KINDS.get(settings.kind, ()) and settings.image_size is None:
+        settings = dataclasses.replace(settings, image_size=image_size)
+    source = open_configured(name, settings, root)
+    return convert_source(source, _target(name, settings.root or root, out), image_size=image_size, store=store,
                           progress=progress)

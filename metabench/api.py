@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from episodes.configured import build_sources
 from episodes.episode import Episode
 from episodes.loader import EpisodeSet
 from episodes.readers.base import Source
@@ -30,7 +31,7 @@ from metabench.lr_selection import LrSelector
 from metabench.protocols import plan_protocols
 from metabench.results import EPISODE_COLUMNS
 from metabench.results import load_run as _read_run
-from metabench.runs import build_sources, eval_episodes, restore_learner, validation_episodes
+from metabench.runs import eval_episodes, restore_learner, validation_episodes
 
 __all__ = ["LoadedRun", "evaluate", "load_run"]
 
@@ -50,7 +51,8 @@ class LoadedRun:
     def sources(self) -> dict[str, Source]:
         """The run's evaluation sources, built once (from ``data.root`` and the registry, as the CLI does)."""
         if not self._sources:
-            self._sources.update(build_sources(self.config.data.eval_sources, self.config.data.root))
+            self._sources.update(build_sources(self.config.data.eval_sources, self.config.data.root,
+                                              self.config.data.sources))
         return self._sources
 
     def episodes(self) -> EpisodeSet:

@@ -139,6 +139,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from metabench.catalog import catalog
 
     rows = catalog(args.what)
+    if args.what == "sources" and (args.config or args.overrides):
+        from episodes.configured import describe
+        from metabench.config import load_data_config
+
+        data, _ = load_data_config(args.config, args.overrides)
+        rows = [{"name": n, "description": describe(n, s)} for n, s in data.sources.items()] + rows
     table = Table(title=args.what)
     for col in rows[0] if rows else ["name"]:
         table.add_column(col)
@@ -166,20 +172,40 @@ def cmd_episodes(args: argparse.Namespace) -> int:
         return 0
     if args.suite is None:
         raise ConfigError("episodes freeze needs --suite NAME (a shipped recipe such as embedded-test, or a new name with --sources and --split).")
-    suite = freeze_named(args.suite, n=args.n, seed=args.seed, sources=args.sources,
+    from episodes.configured import build_sources
+    from episodes.suites import RECIPES
+    from metabench.config import load_data_config
+
+    data, given = load_data_config(args.config, args.overrides)
+    names = args.sources or (RECIPES[args.suite].sources if args.suite in RECIPES else None)
+    sources = list(build_sources(names, data.root, data.sources).values()) if names else None
+    suite = freeze_named(args.suite, n=args.n, seed=args.seed, sources=sources,
                          split=Split(args.split) if args.split else None, image_size=args.image_size,
-                         directory=args.out)
+                         directory=args.out, sampler_cfg=data.sampler if "sampler" in given else None)
     print(f"Froze suite {suite.name}: {len(suite)} episodes -> {suite.path}")
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from episodes.convert import convert_named
+    from episodes.convert import convert_configured, convert_named
+    from metabench.config import load_data_config
 
-    path = convert_named(args.source, args.root, args.out, image_size=args.image_size, store=args.store,
-                         progress=not args.quiet)
+    data, _ = load_data_config(args.config, [*args.overrides, *([f"data.root={args.root}"] if args.root else [])])
+    if args.source in data.sources:
+        path = convert_configured(args.source, data.sources[args.source], data.root, args.out,
+                                  image_size=args.image_size, store=args.store, progress=not args.quiet)
+    else:
+        path = convert_named(args.source, data.root, args.out, image_size=args.image_size, store=args.store,
+                             progress=not args.quiet)
     print(f"Wrote {path}")
     return 0
+
+
+def _source_config_args(p: argparse.ArgumentParser) -> None:
+    """--config and key=value overrides for commands that only build sources (data.root, data.sources, ...)."""
+    p.add_argument("--config", type=Path, help="YAML file whose data.root and data.sources define the sources")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="data settings, e.g. data.root=DIR data.sources.mine.kind=folder data.sources.mine.root=DIR")
 
 
 def _episodes_parser(sub: argparse._SubParsersAction) -> None:
@@ -194,6 +220,7 @@ def _episodes_parser(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--split", choices=["train", "valid", "test"], help="class split, for a suite that is not a recipe")
     ep.add_argument("--image-size", type=int, help="image size recorded with the suite (default: native)")
     ep.add_argument("--out", help="folder for the suite file (default: the package's episodes/suites/)")
+    _source_config_args(ep)
     _plugin_arg(ep)
     ep.set_defaults(func=cmd_episodes)
 
@@ -210,6 +237,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--store", choices=["uint8", "encoded"], default="uint8",
                       help="decoded uint8 arrays (fastest) or the encoded bytes (smallest)")
     data.add_argument("--quiet", action="store_true", help="no progress bar")
+    _source_config_args(data)
     _plugin_arg(data)
     data.set_defaults(func=cmd_data)
 
@@ -267,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list registered learners, backbones or data sources")
     ls.add_argument("what", choices=["learners", "backbones", "sources"], help="which registry to list")
+    _source_config_args(ls)
     _plugin_arg(ls)
     ls.set_defaults(func=cmd_ls)
     return parser

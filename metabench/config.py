@@ -6,14 +6,17 @@ one, so a typo never silently runs the default (a failure mode of argparse-spraw
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from episodes.configured import SourceSettings
 from episodes.sampler import SamplerConfig
 from metabench.registry import suggest
 
@@ -28,6 +31,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "load_config",
+    "load_data_config",
     "to_yaml",
 ]
 
@@ -63,6 +67,8 @@ class DataConfig:
     augment: bool = False  # train-time augmentation of meta-training episodes (resized crop, jitter, flip)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # evaluation episodes
     train_sampler: SamplerConfig = field(default_factory=SamplerConfig)  # meta-training episodes
+    # sources defined here, by name: data.sources.NAME.kind=folder data.sources.NAME.root=DIR ... (episodes.configured)
+    sources: dict[str, SourceSettings] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,7 +195,11 @@ def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 def _one_line(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
-        hint = suggest(key, _flat_keys(schema)).replace("Did you mean", "did you mean")
+        keys = _flat_keys(schema)
+        parts = key.split(".")
+        if parts[:2] == ["data", "sources"] and len(parts) > 3:  # a setting of one configured source
+            keys = [".".join([*parts[:3], f.name]) for f in dataclasses.fields(SourceSettings)]
+        hint = suggest(key, keys).replace("Did you mean", "did you mean")
         return ConfigError(f'Unknown config key "{key}" in {origin};{hint or " see `metabench run --help`."}')
     msg = str(getattr(err, "msg", err)).splitlines()[0]
     return ConfigError(f'Bad value for config key "{key}" in {origin}: {msg}.')
@@ -199,7 +209,51 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f'Override "{item}" is not of the form key=value (e.g. eval.episodes=100).')
-    return OmegaConf.from_dotlist(list(overrides))
+    conf = OmegaConf.create()
+    for item in overrides:
+        try:
+            conf.merge_with_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            why = str(getattr(err, "problem", None) or err).splitlines()[0]
+            raise ConfigError(f'Override "{item}" is not valid YAML after the "=" ({why}); quote it, and write '
+                              "mappings with a space after each colon: {train: [a, b]}.") from None
+    return conf
+
+
+def _read_yaml(path: str | Path) -> DictConfig:
+    if not Path(path).is_file():
+        raise ConfigError(f"Config file {path} does not exist; pass an existing YAML file to --config.")
+    try:
+        return OmegaConf.load(path)  # type: ignore[return-value]
+    except Exception as exc:  # YAML syntax errors come in many types
+        raise ConfigError(f"Config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+
+
+def load_data_config(path: str | Path | None = None,
+                     overrides: list[str] | None = None) -> tuple[DataConfig, set[str]]:
+    """The ``data`` section alone (for commands that only build sources: ``ls sources``, ``episodes freeze``,
+    ``data convert``), validated like a run's, and the data keys the file and overrides set. No preset is read."""
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        layers.append((str(path), OmegaConf.create({"data": _read_yaml(path).get("data") or {}})))
+    parsed = _parse_overrides(overrides or [])
+    stray = [k for k in parsed if k != "data"]
+    if stray:
+        raise ConfigError(f'Override "{stray[0]}..." does not apply here: this command takes data.* settings only '
+                          "(data.root, data.sources.NAME.*, data.sampler.*).")
+    layers.append(("the key=value overrides", parsed))
+    schema = OmegaConf.structured({"data": DataConfig()})
+    merged = schema
+    for origin, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise _one_line(err, schema, origin) from None
+    given = {str(k) for _, layer in layers for k in (layer.get("data") or {})}
+    try:
+        return OmegaConf.to_object(merged.data), given  # type: ignore[return-value]
+    except (OmegaConfBaseException, ValueError) as err:  # e.g. a sampler setting out of range
+        raise ConfigError(f"Bad data settings: {str(err).splitlines()[0]}") from None
 
 
 def load_config(
@@ -216,12 +270,7 @@ def load_config(
     """
     layers: list[tuple[str, DictConfig]] = []
     if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"Config file {path} does not exist; pass an existing YAML file to --config.")
-        try:
-            layers.append((str(path), OmegaConf.load(path)))
-        except Exception as exc:  # YAML syntax errors come in many types
-            raise ConfigError(f"Config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        layers.append((str(path), _read_yaml(path)))
     if flags:
         layers.append(("the command-line flags", OmegaConf.create(flags)))
     layers.append(("the key=value overrides", _parse_overrides(overrides or [])))

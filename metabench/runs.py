@@ -19,9 +19,9 @@ from torch.utils.data import Subset
 from omegaconf import OmegaConf
 
 import metabench
+from episodes.configured import build_sources
 from episodes.episode import Episode, Split
 from episodes.loader import EpisodeSet, make_loader
-from episodes.readers import SOURCES
 from episodes.readers.base import Source
 from episodes.sampler import check_split
 from metabench.backbones import Backbone, create_backbone
@@ -36,7 +36,7 @@ from metabench.lr_selection import LrSelector
 from metabench.protocols import Protocol, plan_protocols
 from metabench.results import EpisodeRow, FollowerRunWriter, RunWriter, load_run
 
-__all__ = ["RunOutcome", "build_sources", "eval_episodes", "eval_saved_run", "execute", "plan_eval", "restore_learner",
+__all__ = ["RunOutcome", "eval_episodes", "eval_saved_run", "execute", "plan_eval", "restore_learner",
            "resume_run", "validation_episodes"]
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,6 @@ _VALID_SEED_OFFSET = 10_007  # lr-selection episodes never coincide with evaluat
 class RunOutcome:
     run_dir: Path
     manifest: dict[str, Any]
-
-
-def build_sources(names: list[str], root: str | None) -> dict[str, Source]:
-    """Instantiate sources by registry name (unknown names raise a did-you-mean error)."""
-    return {name: SOURCES.get(name)(root=root) for name in dict.fromkeys(names)}
 
 
 def _run_id(cfg: RunConfig) -> str:
@@ -220,7 +215,7 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
     device = select_device(init_from_env(cfg.device))
     precision = resolve_precision(cfg.precision, device)
     sources = build_sources([*cfg.data.train_sources, *cfg.train.val_ood_sources, *cfg.data.eval_sources]
-                            if cfg.train.episodes else cfg.data.eval_sources, cfg.data.root)
+                            if cfg.train.episodes else cfg.data.eval_sources, cfg.data.root, cfg.data.sources)
     backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights,
                                allow_download=cfg.backbone.allow_download)
     learner = create_learner(cfg.learner.name, backbone, cfg.learner).to(device)
@@ -297,7 +292,7 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | No
     _seed_everything(cfg.seed)
     device = select_device(init_from_env(cfg.device))
     precision = resolve_precision(cfg.precision, device)
-    sources = build_sources(cfg.data.eval_sources, cfg.data.root)
+    sources = build_sources(cfg.data.eval_sources, cfg.data.root, cfg.data.sources)
     learner = restore_learner(cfg, run_dir, device)
     protocols = plan_eval(cfg, learner, modes, steps)
     writer = RunWriter(run_dir, append=True) if is_main() else FollowerRunWriter(run_dir)
