@@ -170,6 +170,8 @@ def cmd_episodes(args: argparse.Namespace) -> int:
         for name in list_suites(args.out):
             print(name)
         return 0
+    if args.action == "import":
+        return _import_episodes(args)
     if args.suite is None:
         raise ConfigError("episodes freeze needs --suite NAME (a shipped recipe such as embedded-test, or a new name with --sources and --split).")
     from episodes.configured import build_sources
@@ -183,6 +185,21 @@ def cmd_episodes(args: argparse.Namespace) -> int:
                          split=Split(args.split) if args.split else None, image_size=args.image_size,
                          directory=args.out, sampler_cfg=data.sampler if "sampler" in given else None)
     print(f"Froze suite {suite.name}: {len(suite)} episodes -> {suite.path}")
+    return 0
+
+
+def _import_episodes(args: argparse.Namespace) -> int:
+    from episodes.configured import build_sources
+    from episodes.suite_import import import_suite, read_episode_file, referenced_sources
+    from metabench.config import load_data_config
+
+    if args.file is None or args.name is None:
+        raise ConfigError("episodes import needs the episode file and --name NAME (the suite to write).")
+    data, _ = load_data_config(args.config, args.overrides)
+    _, episodes = read_episode_file(args.file)
+    sources = build_sources(referenced_sources(episodes), data.root, data.sources)
+    suite = import_suite(args.file, args.name, sources, directory=args.out)
+    print(f"Imported suite {suite.name}: {len(suite)} episodes -> {suite.path}")
     return 0
 
 
@@ -212,7 +229,11 @@ def _episodes_parser(sub: argparse._SubParsersAction) -> None:
     ep = sub.add_parser("episodes", help="freeze or list evaluation suites (fixed episode lists)",
                         description="Freeze a list of evaluation episodes (source, classes, images, shots) with a "
                         "content hash, so every learner is compared on the same episodes (eval.suite=NAME).")
-    ep.add_argument("action", choices=["freeze", "ls"], help="freeze a suite, or list the known suites")
+    ep.add_argument("action", choices=["freeze", "import", "ls"],
+                    help="freeze a suite, import an episode list as one (JSON or CSV: see episodes/suite_import.py), "
+                    "or list the known suites")
+    ep.add_argument("file", nargs="?", type=Path, help="import: the episode file")
+    ep.add_argument("--name", help="import: the name of the suite to write")
     ep.add_argument("--suite", help="suite name: a recipe (embedded-test, embedded-valid) or a new name")
     ep.add_argument("--n", type=int, help="episodes per source (default: the recipe's, else 600)")
     ep.add_argument("--seed", type=int, default=0, help="seed of the episode stream (default 0)")
