@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor
 
+from episodes.split import Split  # its home; importable from here as before
+
 __all__ = ["Episode", "Split", "Support", "episode_id"]
-
-
-class Split(str, Enum):
-    """Class split of a source, as in Meta-Dataset's ``dataset_spec.json``."""
-
-    TRAIN = "train"
-    VALID = "valid"
-    TEST = "test"
 
 
 @dataclass(frozen=True)

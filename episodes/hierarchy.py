@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.spec import DatasetSpec, SpecError, parse_split
 
 __all__ = [

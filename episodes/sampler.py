@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.hierarchy import MAX_SPANNING_LEAVES_ELIGIBLE, ClassDag, class_dag
 from episodes.spec import DatasetSpec, parse_split
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from episodes.episode import Split
+from episodes.split import Split
 
 __all__ = ["DatasetSpec", "SpecError", "parse_split"]
 

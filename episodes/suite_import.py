@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.loader import EpisodePlan
 from episodes.readers.base import Source
 from episodes.sampler import EpisodeDescription, SamplerConfig

@@ -29,7 +29,7 @@ from typing import Any
 
 from metabench.registry import suggest
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.loader import EpisodePlan, EpisodeSet
 from episodes.readers.base import Source
 from episodes.sampler import SamplerConfig

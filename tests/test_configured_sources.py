@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from episodes.configured import SourceSettings, SourceSettingsError, build_sources, open_configured
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.readers.hdf5 import PackedHDF5
 from metabench.cli import main
 from metabench.config import ConfigError, load_config, load_data_config

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.hierarchy import (
     MAX_SPANNING_LEAVES_ELIGIBLE,
     class_dag,

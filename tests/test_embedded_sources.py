@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.readers import SOURCES, Source
 from episodes.readers import glyphs
 from episodes.readers.embedded import NotoGlyphs, SklearnDigits

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.loader import EpisodeSet
 from episodes.readers import SOURCES
 from episodes.readers.folder import (

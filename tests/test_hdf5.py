@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from episodes.convert import convert_named, convert_source
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.loader import EpisodeSet, make_loader
 from episodes.readers import SOURCES
 from episodes.readers.base import Source

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.sampler import (
     EpisodeDescription,
     SamplerConfig,

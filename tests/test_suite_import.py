@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.readers.embedded import SklearnDigits
 from episodes.readers.folder import ImageFolderSource
 from episodes.suite_import import import_suite

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.loader import EpisodeSet
 from episodes.readers import SOURCES
 from episodes.readers import tfrecord as tfr

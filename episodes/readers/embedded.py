@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.readers import glyphs
 from episodes.readers.base import Source, cache_dir
 from episodes.readers.glyphs import NOTO_SCRIPTS

@@ -32,7 +32,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.readers.base import Source
 from episodes.readers.folder_index import (  # re-exported: this module was their home
     IMAGE_EXTENSIONS,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from episodes.episode import Split
+from episodes.split import Split
 
 __all__ = ["NOTO_SCRIPTS", "RENDER_LOCK", "SEED", "VERSION", "RenderParams", "Script", "class_name", "library_versions",
            "render_all", "select_classes"]

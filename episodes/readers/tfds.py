@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.readers.base import Source
 from episodes.readers.folder import RESIZE_MODES, decode_image, within_class_order
 from episodes.readers.folder_index import index_path, write_index

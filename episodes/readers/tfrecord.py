@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from episodes.episode import Split
+from episodes.split import Split
 from episodes.readers.base import Source
 from episodes.readers.tfrecord_format import (  # re-exported: this module was their home
     IndexCache,
