@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from episodes.episode import Episode
 from metabench.distributed import average_metrics, grad_sync, is_main, world_size
 from metabench.learners.base import Learner
 from metabench.lr_selection import LrSelector
+from metabench.progress import progress as progress_bar
 from metabench.protocols import Protocol
 from metabench.results import EpisodeRow
 
@@ -90,7 +90,7 @@ def evaluate(
     protocols are all skipped is passed to ``on_episode`` with a None state.
     """
     learner.eval()
-    bar = tqdm(episodes, total=total, desc="evaluate", unit="ep", disable=None if progress else True, dynamic_ncols=True)
+    bar = progress_bar(episodes, total=total, desc="evaluate", unit="ep", enabled=progress)
     running: list[float] = []
     for episode in bar:
         episode = episode.to(device)
@@ -189,8 +189,7 @@ def meta_train(
         restore()
     learner.train()
     seen, update = start_update * tasks_per_update, start_update
-    bar = tqdm(total=n_tasks, initial=seen, desc="meta-train", unit="task",
-               disable=None if progress and is_main() else True, dynamic_ncols=True)
+    bar = progress_bar(total=n_tasks, initial=seen, desc="meta-train", unit="task", enabled=progress and is_main())
     batch: list[Episode] = []
     for episode in stream:
         batch.append(episode.to(device))
