@@ -187,7 +187,8 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *, baseline: s
                      _breakdown_section(frame, out)]
     else:
         sections.append(Section("Results", "<p>No run has evaluated episodes.</p>", "No run has evaluated episodes.\n"))
-    outcomes = [*_sweep_figures(frame, manifests, fig_dir, out, sweep_key, sweep_group), *_alignment_figure(by_label, fig_dir),
+    outcomes = [*_sweep_figures(frame, manifests, fig_dir, out, sweep_key, sweep_group),
+                *_alignment_figure(by_label, fig_dir),
                 *_expert_figures(by_label, fig_dir), _curve_figure(by_label, baseline, fig_dir, out)]
     sections.append(provenance_section(manifests, labels))
     atomic_write(out / "report.md", render_markdown(manifests, labels, sections, outcomes, out))

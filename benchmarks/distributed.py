@@ -35,6 +35,7 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     """One rank: build the learner, take this rank's tasks, time meta-training after a warm-up update."""
     import torch
 
+    from episodes.configured import build_sources
     from episodes.episode import Split
     from episodes.loader import EpisodeSet
     from metabench.backbones import create_backbone
@@ -42,7 +43,6 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from metabench.distributed import attach_grad_averaging, broadcast_module, init_from_env, is_main, shutdown
     from metabench.engine import meta_train, select_device
     from metabench.learners import create_learner
-    from episodes.configured import build_sources
     from metabench.training import rank_tasks
 
     quiet_logs()

@@ -90,7 +90,8 @@ def zero_shot(alias: str, n_episodes: int, dev: Any) -> dict[str, Any]:
         for label in order:
             pair = ("raw", "zero_shot") if r % 2 == 0 else ("zero_shot", "raw")
             for kind in pair:
-                args = (_raw, learners[label].backbone, images) if kind == "raw" else (zero_shot_episode, learners[label], ep)
+                args = ((_raw, learners[label].backbone, images) if kind == "raw"
+                        else (zero_shot_episode, learners[label], ep))
                 times[label][kind].append(timed(dev, *args))
     n_images = int(episodes[0].support_x.shape[0] + episodes[0].query_x.shape[0])  # every episode has as many
     rows = {}

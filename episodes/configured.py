@@ -35,7 +35,7 @@ class SourceSettings:
     path: str | None = None  # md_tfrecords / h5: the folder or file under root
     domain: str | None = None  # id | ood
     image_size: int | None = None  # folders / TFRecords: decode to this square size
-    splits: Any = None  # folders: {train: [...], valid: [...], test: [...]} of class or superclass names, or a JSON file
+    splits: Any = None  # folders: {train: [...], valid: [...], test: [...]} of class or superclass names, or JSON
     split: str | None = None  # folders: the split every class goes to when splits is unset (default test)
     superclasses: bool | None = None  # folders: superclasses for the bilevel sampler (default: on for nested)
     layout: str | None = None  # folder: auto | folders | nested | meta_album

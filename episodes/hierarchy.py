@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from episodes.split import Split
 from episodes.spec import DatasetSpec, SpecError, parse_split
+from episodes.split import Split
 
 __all__ = [
     "MAX_SPANNING_LEAVES_ELIGIBLE",

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from episodes.split import Split
 from episodes.hierarchy import MAX_SPANNING_LEAVES_ELIGIBLE, ClassDag, class_dag
 from episodes.spec import DatasetSpec, parse_split
+from episodes.split import Split
 
 __all__ = [
     "EpisodeDescription",

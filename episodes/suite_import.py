@@ -30,11 +30,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from episodes.split import Split
 from episodes.loader import EpisodePlan
 from episodes.readers.base import Source
 from episodes.sampler import EpisodeDescription, SamplerConfig
 from episodes.spec import parse_split
+from episodes.split import Split
 from episodes.suite_format import SuiteError, plan_to_json
 from episodes.suites import SUITES_DIR, Suite, _canonical_hash, _encode, _header, _write, load_suite, spec_fingerprint
 
@@ -54,7 +54,7 @@ def read_episode_file(path: Path) -> tuple[Split, list[dict[str, Any]]]:
     try:
         doc = json.loads(text)
     except ValueError as e:
-        raise SuiteError(f"Episode file {path} is not valid JSON ({e}); see `metabench episodes import --help`.") from None
+        raise SuiteError(f"Episode file {path} is not valid JSON ({e}); see episodes/suite_import.py.") from None
     episodes = doc.get("episodes") if isinstance(doc, dict) else None
     if not isinstance(episodes, list) or not episodes:
         raise SuiteError(f'Episode file {path} has no "episodes" list; it needs {{"episodes": [{{"source": ..., '
@@ -78,7 +78,8 @@ def _from_csv(path: Path, text: str) -> list[dict[str, Any]]:
         if episode["source"] != row["source"]:
             raise SuiteError(f"{path} line {line}: episode {row['episode']} names two sources; keep one per episode.")
         item = {"label": row["label"]}
-        item.update({"file": row["file"]} if row.get("file") else {"class": row.get("class"), "index": row.get("index")})
+        where = {"file": row["file"]} if row.get("file") else {"class": row.get("class"), "index": row.get("index")}
+        item.update(where)
         episode[role].append(item)
     return list(episodes.values())
 

@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metabench.registry import suggest
-
-from episodes.split import Split
 from episodes.loader import EpisodePlan, EpisodeSet
 from episodes.readers.base import Source
 from episodes.sampler import SamplerConfig
 from episodes.spec import DatasetSpec, parse_split
+from episodes.split import Split
 from episodes.suite_format import SuiteError, plan_from_json, plan_to_json
+from metabench.registry import suggest
 
 __all__ = [
     "RECIPES",

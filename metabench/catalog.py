@@ -25,7 +25,8 @@ def catalog(what: str) -> list[dict[str, str]]:
     if what == "learners":
         from metabench.learners import LEARNERS
 
-        return [{"name": n, "description": _first_line(LEARNERS.get(n)), "options per preset": _presets(LEARNERS.get(n))}
+        return [{"name": n, "description": _first_line(LEARNERS.get(n)),
+                 "options per preset": _presets(LEARNERS.get(n))}
                 for n in LEARNERS.names()]
     if what == "backbones":
         from metabench.backbones import BACKBONES

@@ -173,7 +173,8 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     if args.action == "import":
         return _import_episodes(args)
     if args.suite is None:
-        raise ConfigError("episodes freeze needs --suite NAME (a shipped recipe such as embedded-test, or a new name with --sources and --split).")
+        raise ConfigError("episodes freeze needs --suite NAME (a shipped recipe such as embedded-test, or a new name "
+                          "with --sources and --split).")
     from episodes.configured import build_sources
     from episodes.suites import RECIPES
     from metabench.config import load_data_config
@@ -264,7 +265,8 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metabench", description="Few-shot transfer benchmark for vision foundation models.")
+    parser = argparse.ArgumentParser(prog="metabench",
+                                     description="Few-shot transfer benchmark for vision foundation models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -335,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     return _run_guarded(args, debug=bool(args.verbose or os.environ.get("METABENCH_DEBUG")))
 
 

@@ -279,7 +279,8 @@ def load_config(
     preset = OmegaConf.select(raw, "preset", default="auto")
     preset = _auto_preset() if preset == "auto" else preset
     if preset not in PRESETS:
-        raise ConfigError(f'Unknown preset "{preset}".{suggest(str(preset), list(PRESETS))} Known: {", ".join(PRESETS)}.')
+        raise ConfigError(f'Unknown preset "{preset}".{suggest(str(preset), list(PRESETS))} '
+                          f'Known: {", ".join(PRESETS)}.')
     learner_name = OmegaConf.select(raw, "learner.name", default=LearnerConfig.name)
 
     from metabench.learners import LEARNERS, learner_config_class  # here: keeps config import light

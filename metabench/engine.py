@@ -35,7 +35,8 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f'device "{name}" was requested but CUDA is not available here; use device=cpu or device=auto.')
+        raise ValueError(f'device "{name}" was requested but CUDA is not available here; '
+                         "use device=cpu or device=auto.")
     return device
 
 

@@ -72,7 +72,8 @@ def score_lrs(learner: Learner, tasks: Sequence[Task], *, protocol: Protocol, op
     for lr in dict.fromkeys(float(v) for v in grid):
         accs, losses = [], []
         for support, x, y in tasks:
-            state = learner.adapt(support, mode=protocol.mode, steps=steps_at(protocol, lr), options=options.with_lr(lr))
+            state = learner.adapt(support, mode=protocol.mode, steps=steps_at(protocol, lr),
+                                  options=options.with_lr(lr))
             with torch.no_grad():
                 logits = learner.predict(state, x).float()
             accs.append((logits.argmax(-1) == y).float().mean().item())
@@ -165,7 +166,8 @@ class LrSelector:
         if not protocol.fine_tunes:
             return learner.adapt(support, mode="zero_shot", steps=0)
         lr = self.lr_for(learner, source, support, protocol)
-        return learner.adapt(support, mode=protocol.mode, steps=steps_at(protocol, lr), options=self.options.with_lr(lr))
+        return learner.adapt(support, mode=protocol.mode, steps=steps_at(protocol, lr),
+                             options=self.options.with_lr(lr))
 
     def _entry(self, source: str, protocol: Protocol) -> dict[str, Any]:
         return self._record.setdefault(protocol.label, {}).setdefault(source, {})

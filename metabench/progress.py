@@ -34,7 +34,8 @@ class LogProgress(Generic[T]):
 
     def __init__(self, iterable: Iterable[T] | None = None, *, total: int | None = None, initial: int = 0,
                  desc: str = "", unit: str = "it", every: float = EVERY_SECONDS) -> None:
-        self.iterable, self.total, self.n, self.desc, self.unit, self.every = iterable, total, initial, desc, unit, every
+        self.iterable, self.total, self.n = iterable, total, initial
+        self.desc, self.unit, self.every = desc, unit, every
         self._start_n, self._start = initial, time.monotonic()
         self._last = self._start
         self._postfix: dict[str, Any] = {}

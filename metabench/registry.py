@@ -9,11 +9,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-import sys
-from pathlib import Path
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Generic, TypeVar
 
 __all__ = ["Registry", "RegistryError", "load_plugins", "suggest"]

@@ -232,7 +232,8 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
     run_dir = Path(run_dir)
     manifest_path = run_dir / MANIFEST
     if not manifest_path.is_file():
-        raise ResultsError(f"{run_dir} is not a metabench run folder (no {MANIFEST}); pass a folder made by `metabench run`.")
+        raise ResultsError(f"{run_dir} is not a metabench run folder (no {MANIFEST}); "
+                           "pass a folder made by `metabench run`.")
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError as err:
@@ -360,7 +361,8 @@ def summarize(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     out = []
     for key, group in frame.groupby(by, sort=False):
         mean, half, n = ci95(group["accuracy"])
-        out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "accuracy": 100 * mean, "ci95": 100 * half, "n": n})
+        labels = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        out.append({**labels, "accuracy": 100 * mean, "ci95": 100 * half, "n": n})
     return pd.DataFrame(out, columns=[*by, "accuracy", "ci95", "n"])
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
 from omegaconf import OmegaConf
+from torch.utils.data import Subset
 
 import metabench
 from episodes.configured import build_sources
@@ -30,11 +30,11 @@ from metabench.distributed import gather_to_rank0, init_from_env, is_main, shard
 from metabench.engine import EvalContext, evaluate, resolve_precision, select_device, select_learning_rates
 from metabench.learners import create_learner
 from metabench.learners.base import Learner
-from metabench.probes import ProbeRecorder
-from metabench.training import CHECKPOINT, load_learner_state, run_training
 from metabench.lr_selection import LrSelector
+from metabench.probes import ProbeRecorder
 from metabench.protocols import Protocol, plan_protocols
 from metabench.results import EpisodeRow, FollowerRunWriter, RunWriter, load_run
+from metabench.training import CHECKPOINT, load_learner_state, run_training
 
 __all__ = ["RunOutcome", "eval_episodes", "eval_saved_run", "execute", "plan_eval", "restore_learner",
            "resume_run", "validation_episodes"]
@@ -59,7 +59,8 @@ def _git_state() -> dict[str, Any]:
     repo = Path(metabench.__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return {"sha": None, "dirty": None}
     if sha.returncode != 0:
@@ -96,7 +97,8 @@ def _manifest(cfg: RunConfig, run_id: str, backbone: Backbone, learner: Learner,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         "backbone": backbone.describe(),
         "learner": learner.describe(),
-        "sources": {n: {"domain": s.domain, "classes": {sp.value: len(s.spec.class_ids(sp)) for sp in Split}} for n, s in sources.items()},
+        "sources": {n: {"domain": s.domain, "classes": {sp.value: len(s.spec.class_ids(sp)) for sp in Split}}
+                    for n, s in sources.items()},
     }
 
 
@@ -257,7 +259,8 @@ def resume_run(run_dir: Path, *, progress: bool = True) -> RunOutcome:
     run_dir = Path(run_dir)
     manifest, _ = load_run(run_dir)
     if manifest.get("status") == "finished":
-        raise ConfigError(f"Run {run_dir} has finished already; evaluate it further with `metabench eval --run {run_dir}`.")
+        raise ConfigError(f"Run {run_dir} has finished already; evaluate it further with "
+                          f"`metabench eval --run {run_dir}`.")
     cfg = load_config(run_dir / "config.yaml")
     return execute(cfg, progress=progress, run_dir=run_dir, resume=True)
 
@@ -265,7 +268,8 @@ def resume_run(run_dir: Path, *, progress: bool = True) -> RunOutcome:
 def restore_learner(cfg: RunConfig, run_dir: Path, device: torch.device) -> Learner:
     """The run's learner on ``device``: its backbone rebuilt from the config, its trained weights loaded from
     the run's checkpoint (a learner without meta-training has none and keeps its backbone's weights)."""
-    backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights, allow_download=cfg.backbone.allow_download)
+    backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights,
+                               allow_download=cfg.backbone.allow_download)
     learner = create_learner(cfg.learner.name, backbone, cfg.learner)
     if (run_dir / CHECKPOINT).exists():
         load_learner_state(learner, run_dir / CHECKPOINT)
@@ -301,7 +305,8 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | No
                           recorder)
     if is_main():
         recorder.finish()
-    evaluation: dict[str, Any] = {"argv": ["metabench", *sys.argv[1:]], "overrides": overrides, "protocols": [p.label for p in protocols],
+    evaluation: dict[str, Any] = {"argv": ["metabench", *sys.argv[1:]], "overrides": overrides,
+                                  "protocols": [p.label for p in protocols],
                                   "at": _now()}
     if lr_record is not None:
         evaluation["lr_selection"] = lr_record

@@ -50,7 +50,8 @@ def parse_axes(specs: Sequence[str]) -> list[SweepAxis]:
         key, sep, values = spec.partition("=")
         items = tuple(v.strip() for v in values.split(",") if v.strip())
         if not sep or not key.strip() or not items:
-            raise ConfigError(f'Sweep axis "{spec}" is not KEY=V1,V2,...; write e.g. --over learner.sparsity=0.5,0.8,0.9.')
+            raise ConfigError(f'Sweep axis "{spec}" is not KEY=V1,V2,...; '
+                              "write e.g. --over learner.sparsity=0.5,0.8,0.9.")
         if key.strip() in {a.key for a in axes}:
             raise ConfigError(f'Sweep key "{key.strip()}" is given twice; list all its values in one --over.')
         axes.append(SweepAxis(key.strip(), items))

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
+from episodes.augment import TrainAugment
 from episodes.episode import Episode, Split
 from episodes.loader import EpisodeSet, make_loader
-from episodes.augment import TrainAugment
 from episodes.readers.base import Source
 from metabench.checkpoint import (
     TrainPosition,

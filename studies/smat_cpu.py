@@ -51,7 +51,7 @@ RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "smat_random": ("smat_random", (*SMAT_RECIPE, f"learner.sparsity={MAIN_TAU}")),
     "smat_magnitude": ("smat_magnitude", (*SMAT_RECIPE, f"learner.sparsity={MAIN_TAU}")),
     # equal allocation: the fixed masks take the trained SMAT run's per-expert, per-tensor densities
-    **{f"{kind}-alloc": (kind, (*SMAT_RECIPE, f"learner.sparsity={MAIN_TAU}", f"learner.mask_allocation=ALLOCATION"))
+    **{f"{kind}-alloc": (kind, (*SMAT_RECIPE, f"learner.sparsity={MAIN_TAU}", "learner.mask_allocation=ALLOCATION"))
        for kind in ("smat_random", "smat_magnitude")},
     **{f"smat-tau{t}": _smat(t) for t in (0.5, 0.99, 0.8, 0.95)},
     "softmerge": ("softmerge", SMAT_RECIPE),

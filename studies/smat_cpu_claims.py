@@ -99,9 +99,9 @@ def _sweep_means(frame: pd.DataFrame, runs: Mapping[float, str], domain: str) ->
 def claim_b(frame: pd.DataFrame, runs: Mapping[float, str]) -> Answer:
     """(b) ID rises as sparsity falls; OOD peaks at an interior tau."""
     claim = "(b) sparsity trades ID against OOD: ID rises as τ falls, OOD peaks at an interior τ"
-    present = {t: l for t, l in runs.items() if l in set(frame["label"])}
+    present = {t: label for t, label in runs.items() if label in set(frame["label"])}
     if len(present) < 3:
-        return _missing(claim, [l for l in runs.values() if l not in set(frame["label"])])
+        return _missing(claim, [label for label in runs.values() if label not in set(frame["label"])])
     taus = sorted(present)
     id_means, ood_means = _sweep_means(frame, present, "ID"), _sweep_means(frame, present, "OOD")
     rho_id = stats.spearmanr(taus, [id_means[t] for t in taus])
@@ -196,7 +196,7 @@ def claim_e(run_dirs: Mapping[str, Path], runs: Mapping[float, str], smat: str, 
     curves = {t: a for t, label in runs.items() if label in run_dirs and (a := _alignment(run_dirs[label])) is not None
               and len(a)}
     if len(curves) < 2 or smat not in run_dirs or pmf not in run_dirs:
-        return _missing(claim, [l for l in [*runs.values(), pmf] if l not in run_dirs])
+        return _missing(claim, [label for label in [*runs.values(), pmf] if label not in run_dirs])
     taus = sorted(curves)
     means = {t: float(curves[t]["alignment"].mean()) for t in taus}
     rho = stats.spearmanr(taus, [means[t] for t in taus]) if len(taus) > 2 else None

@@ -142,7 +142,7 @@ def _answers(answers: list[Answer]) -> list[str]:
 
 def _figures(frame: pd.DataFrame, run_dirs: Mapping[str, Path], fig_dir: Path) -> list[str]:
     out: list[str] = []
-    sweep = {t: run_dirs[l] for t, l in SWEEP.items() if l in run_dirs}
+    sweep = {t: run_dirs[label] for t, label in SWEEP.items() if label in run_dirs}
     manifests = load_manifests(sweep.values())
     sweep_frame = frame[frame["label"].isin([SWEEP[t] for t in sweep])]
     _figure(out, fig_dir, lambda: plot_sparsity_tradeoff(
@@ -167,14 +167,16 @@ def _figures(frame: pd.DataFrame, run_dirs: Mapping[str, Path], fig_dir: Path) -
 def _extra_comparisons(frame: pd.DataFrame) -> list[str]:
     pairs = [(MAIN, "pmf"), (MAIN, "pre"), (MAIN, "softmerge"), (MAIN, "lora"), ("pmf", "pre"), ("lora", "pmf"),
              ("smat-upstream-tau0.9", MAIN), ("smat-paper-recipe", MAIN)]
-    lines = ["| a − b | domain | mode | n | diff (points) | 95% CI | p (t) | p (Wilcoxon) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| a − b | domain | mode | n | diff (points) | 95% CI | p (t) | p (Wilcoxon) |",
+             "|---|---|---|---|---|---|---|---|"]
     for a, b in pairs:
         for mode in ("zero_shot", "full"):
             for domain in ("ID", "OOD", "OOD near", "OOD far"):
                 r = pooled(frame, a, b, domain, mode)
                 if r is not None:
                     lines.append(f"| {a} − {b} | {domain} | {mode} | {int(r['n'])} | {r['diff']:+.2f} | "
-                                 f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['p_t']:.2g} | {r['p_wilcoxon']:.2g} |")
+                                 f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['p_t']:.2g} | "
+                                 f"{r['p_wilcoxon']:.2g} |")
     return lines
 
 

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from helpers_md import MDSource, write_md_source
+
 from metabench.cli import main
 
 FAST = ["--backbone", "vit_test", "--quiet", "data.image_size=32", "eval.episodes=2", "train.episodes=0"]

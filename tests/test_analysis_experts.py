@@ -7,9 +7,18 @@ import pandas as pd
 import pytest
 from test_analysis_fixtures import write_run
 
-from analysis.experts import (block_depth, capacity, dendrogram_order, jaccard_from_counts, jaccard_from_masks,
-                              layer_type, mask_stats_from_masks, overlap_counts_from_masks, source_alpha,
-                              task_linkage)
+from analysis.experts import (
+    block_depth,
+    capacity,
+    dendrogram_order,
+    jaccard_from_counts,
+    jaccard_from_masks,
+    layer_type,
+    mask_stats_from_masks,
+    overlap_counts_from_masks,
+    source_alpha,
+    task_linkage,
+)
 from analysis.load import ProbeMissing, load_probes
 from metabench.results import ResultsError
 

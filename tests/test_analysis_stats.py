@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from analysis.stats import (Estimate, average_estimate, estimate, paired_stats, significantly_different,
-                            tie_aware_ranks, tie_groups, top_group)
+from analysis.stats import (
+    Estimate,
+    average_estimate,
+    estimate,
+    paired_stats,
+    significantly_different,
+    tie_aware_ranks,
+    tie_groups,
+    top_group,
+)
 
 
 def test_estimate_is_meta_dataset_ci() -> None:

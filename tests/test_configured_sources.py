@@ -11,8 +11,8 @@ import yaml
 from PIL import Image
 
 from episodes.configured import SourceSettings, SourceSettingsError, build_sources, open_configured
-from episodes.split import Split
 from episodes.readers.hdf5 import PackedHDF5
+from episodes.split import Split
 from metabench.cli import main
 from metabench.config import ConfigError, load_config, load_data_config
 from metabench.results import load_run

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from episodes.split import Split
 from episodes.hierarchy import (
     MAX_SPANNING_LEAVES_ELIGIBLE,
     class_dag,
@@ -21,6 +20,7 @@ from episodes.loader import EpisodeSet
 from episodes.readers.base import Source
 from episodes.sampler import SamplerConfig, check_split, sample_class_ids, sample_episode_description
 from episodes.spec import DatasetSpec, SpecError
+from episodes.split import Split
 
 
 def leaves(prefix: str, start: int, stop: int) -> list[str]:

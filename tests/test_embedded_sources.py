@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from episodes.split import Split
-from episodes.readers import SOURCES, Source
-from episodes.readers import glyphs
+from episodes.readers import SOURCES, Source, glyphs
 from episodes.readers.embedded import NotoGlyphs, SklearnDigits
 from episodes.readers.mnist import MNIST, FashionMNIST, IdxTestSet, read_idx
+from episodes.split import Split
 from metabench.registry import RegistryError
 
 SMALL = dict(scripts=["latin", "telugu", "greek"], instances=6)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from episodes.split import Split
 from episodes.loader import EpisodeSet
 from episodes.readers import SOURCES
 from episodes.readers.folder import (
@@ -24,6 +23,7 @@ from episodes.readers.folder import (
     within_class_order,
 )
 from episodes.sampler import SamplerConfig
+from episodes.split import Split
 
 COLOURS = {"apple": (200, 30, 30), "banana": (230, 220, 40), "cherry": (120, 0, 60),
            "date": (90, 60, 20), "elder": (20, 20, 120), "fig": (120, 40, 160)}

@@ -10,9 +10,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers_md import class_image, write_md_source, write_omniglot_like
 
 from episodes.convert import convert_named, convert_source
-from episodes.split import Split
 from episodes.loader import EpisodeSet, make_loader
 from episodes.readers import SOURCES
 from episodes.readers.base import Source
@@ -20,7 +20,7 @@ from episodes.readers.embedded import SklearnDigits
 from episodes.readers.hdf5 import PackedHDF5, PackedHDF5Error
 from episodes.readers.tfrecord import MetaDatasetTFRecords
 from episodes.spec import DatasetSpec
-from helpers_md import class_image, write_md_source, write_omniglot_like
+from episodes.split import Split
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers_hostile import FAST, TRAIN, _fails, _md, _toy
 from helpers_md import MDSource, encode, example_bytes, write_md_source, write_tfrecord
-
+from PIL import Image
 
 # --------------------------------------------------------------------------- data root missing or empty
 

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_hostile import CHECKPOINT, FAST, TRAIN, _fails, _md, _toy
 from safetensors.torch import save_file, save_model
 
-from helpers_hostile import CHECKPOINT, FAST, TRAIN, _fails, _md, _toy
 from metabench.cli import main
-
 
 # --------------------------------------------------------------------------- unknown names and keys
 # (unknown learner, backbone, evaluation source and key=value key: tests/test_cli.py)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from episodes.split import Split
 from episodes.sampler import (
     EpisodeDescription,
     SamplerConfig,
@@ -20,6 +19,7 @@ from episodes.sampler import (
     sample_support_set_size,
 )
 from episodes.spec import DatasetSpec, SpecError
+from episodes.split import Split
 
 
 def flat_spec(counts: dict[Split, list[int]], name: str = "fake") -> DatasetSpec:

@@ -83,7 +83,8 @@ def test_upstream_epoch_schedule_shape() -> None:
 def test_smat_learning_rates_at_chosen_updates_under_each_schedule() -> None:
     learner = _smat(schedule="upstream_epochs", delta_lr=1e-4, router_lr=1e-4, lambda_lr=2e-3)
     learner.setup_training(250)  # 25 epochs of 10 updates
-    lr = lambda name: learner.optimizers[name].param_groups[0]["lr"]
+    def lr(name: str) -> float:
+        return learner.optimizers[name].param_groups[0]["lr"]
     assert lr("delta") == pytest.approx(1e-6) and lr("masks") == pytest.approx(1e-6) and lr("router") == 0.0
     assert learner._lambda_factor(0) * 2e-3 == pytest.approx(1e-6)
     _step_schedulers(learner, 10)

@@ -8,17 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_configured_sources import write_nested
 
-from episodes.split import Split
 from episodes.readers.embedded import SklearnDigits
 from episodes.readers.folder import ImageFolderSource
+from episodes.split import Split
 from episodes.suite_import import import_suite
 from episodes.suites import SuiteEpisodeSet, SuiteError, load_suite
 from metabench.cli import main
 from metabench.config import load_config
 from metabench.results import load_run
 from metabench.runs import execute
-from test_configured_sources import write_nested
 
 
 @pytest.fixture(scope="module")

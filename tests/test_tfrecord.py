@@ -8,15 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers_md import encode, example_bytes, frame, write_md_source, write_omniglot_like, write_tfrecord
 
-from episodes.split import Split
 from episodes.loader import EpisodeSet
-from episodes.readers import SOURCES
+from episodes.readers import SOURCES, tfrecord_format
 from episodes.readers import tfrecord as tfr
-from episodes.readers import tfrecord_format
 from episodes.readers.tfrecord import MetaDatasetTFRecords, TFRecordError
 from episodes.spec import SpecError
-from helpers_md import encode, example_bytes, frame, write_md_source, write_omniglot_like, write_tfrecord
+from episodes.split import Split
 
 
 @pytest.fixture()

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from episodes.split import Split
 from episodes.readers import glyphs
 from episodes.readers.base import Source, cache_dir
 from episodes.readers.glyphs import NOTO_SCRIPTS
 from episodes.spec import DatasetSpec
+from episodes.split import Split
 
 __all__ = ["NOTO_SCRIPTS", "SCRIPT_CLASS_SPLIT", "NotoGlyphs", "NotoScript", "SklearnDigits"]
 

@@ -32,7 +32,6 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from episodes.split import Split
 from episodes.readers.base import Source
 from episodes.readers.folder_index import (  # re-exported: this module was their home
     IMAGE_EXTENSIONS,
@@ -46,6 +45,7 @@ from episodes.readers.folder_index import (  # re-exported: this module was thei
     write_index,
 )
 from episodes.spec import DatasetSpec, parse_split
+from episodes.split import Split
 
 __all__ = ["IMAGE_EXTENSIONS", "INDEX_VERSION", "NAMED_FOLDERS", "RESIZE_MODES", "FolderSourceError",
            "ImageFolderSource", "decode_image", "index_path", "open_named_folder", "within_class_order", "write_index"]

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from episodes.split import Split
 from episodes.readers.base import Source, cache_dir
 from episodes.readers.embedded import _atomic_save
 from episodes.readers.glyphs import SEED
 from episodes.spec import DatasetSpec
+from episodes.split import Split
 
 __all__ = ["MNIST", "FashionMNIST", "IdxTestSet", "read_idx"]
 

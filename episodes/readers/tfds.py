@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from episodes.split import Split
 from episodes.readers.base import Source
 from episodes.readers.folder import RESIZE_MODES, decode_image, within_class_order
 from episodes.readers.folder_index import index_path, write_index
 from episodes.spec import DatasetSpec, parse_split
+from episodes.split import Split
 
 __all__ = ["TfdsSource", "TfdsSourceError", "cifar10", "cifar100", "import_tfds", "tfds", "tfds_mnist"]
 

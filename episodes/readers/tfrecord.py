@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from episodes.split import Split
 from episodes.readers.base import Source
 from episodes.readers.tfrecord_format import (  # re-exported: this module was their home
     IndexCache,
@@ -38,6 +37,7 @@ from episodes.readers.tfrecord_format import (  # re-exported: this module was t
     unframe,
 )
 from episodes.spec import DatasetSpec, SpecError, parse_split
+from episodes.split import Split
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",

@@ -269,7 +269,8 @@ class SMAT(SMATProbes, Learner):
     def _task_loss(self, ep: Episode, gates: Mapping[str, Tensor] | None, *, sample: bool) -> _TaskOutcome:
         """The per-task meta-training objective (steps 1-4 of the module docstring)."""
         cfg, way = self.cfg, ep.way
-        with torch.profiler.record_function("smat.router"):  # labels for benchmarks/training.py's profile; no effect otherwise
+        # labels for benchmarks/training.py's profile; no effect otherwise
+        with torch.profiler.record_function("smat.router"):
             pre_prototypes = self._pretrained_prototypes(ep.support_x, ep.support_y, way)
             alpha, router_logits = self.router.alpha(pre_prototypes, self.temperature(), sample)
         with torch.profiler.record_function("smat.merge"):

@@ -50,7 +50,7 @@ class SMATConfig(LearnerConfig):
     head_step: bool = False  # the inner and teacher SGD steps also move the prototype head (upstream: ProtoMAML's
     # head is a fast weight); False keeps the prototypes of theta_i as the head
     kd_pretrained: bool = True  # also distil from the frozen pretrained ProtoNet (upstream code; not in the paper text)
-    delta_optimizer: str = "sgd"  # sgd (paper: momentum SGD) | adamw (moves every unmasked entry from the first updates)
+    delta_optimizer: str = "sgd"  # sgd (paper: momentum SGD) | adamw (moves every unmasked entry from update 1)
     delta_lr: float = 1e-4  # ViT-B/L: 5e-4
     delta_momentum: float = 0.9  # sgd only
     delta_weight_decay: float = 1e-4

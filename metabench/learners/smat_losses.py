@@ -128,7 +128,8 @@ class UpstreamEpochs:
 
     def __init__(self, updates_per_epoch: float, *, warmup: int = 5, total: int = 50,
                  first_lr: float | None = 1e-6) -> None:
-        self.updates_per_epoch, self.warmup, self.total, self.first_lr = max(updates_per_epoch, 1e-9), warmup, total, first_lr
+        self.updates_per_epoch = max(updates_per_epoch, 1e-9)
+        self.warmup, self.total, self.first_lr = warmup, total, first_lr
 
     def epoch(self, update: int) -> int:
         return int(update // self.updates_per_epoch)

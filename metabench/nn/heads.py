@@ -16,7 +16,8 @@ def class_prototypes(features: Tensor, labels: Tensor, way: int) -> Tensor:
     return sums / counts[:, None]
 
 
-def cosine_logits(features: Tensor, prototypes: Tensor, scale: float | Tensor = 10.0, bias: float | Tensor = 0.0) -> Tensor:
+def cosine_logits(features: Tensor, prototypes: Tensor, scale: float | Tensor = 10.0,
+                  bias: float | Tensor = 0.0) -> Tensor:
     """``scale * (cos(f, p) + bias)``: [n, d] x [way, d] -> [n, way] (the ProtoNet head of PMF and SMAT)."""
     cos = F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T
     return scale * (cos + bias)
