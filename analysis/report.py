@@ -22,7 +22,8 @@ from analysis.load import ProbeMissing, load_manifests, load_probes, load_runs, 
 from analysis.render import frame_to_html, frame_to_markdown, to_csv, to_html, to_latex, to_markdown
 from analysis.report_page import Section, Skipped, provenance_section, render_html, render_markdown
 from analysis.tables import results_table
-from metabench.results import ResultsError, atomic_write
+from episodes.atomic import atomic_write
+from metabench.results import ResultsError
 
 __all__ = ["Skipped", "write_report"]
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import metabench
+from episodes.atomic import atomic_path
 from episodes.loader import resize_uint8
 from episodes.readers.base import Source
 from episodes.readers.hdf5 import FORMAT, FORMAT_VERSION, STORES
@@ -58,9 +59,8 @@ def convert_source(
     size = int(image_size or source.native_size[0])
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     start = time.perf_counter()
-    try:
+    with atomic_path(out) as tmp:  # also on Ctrl-C: never a partial file under the final name
         with h5py.File(tmp, "w") as f:
             _write_attrs(f, source, store, size)
             counts = [source.spec.images_per_class[c] for c in range(source.spec.num_classes)]
@@ -71,10 +71,6 @@ def convert_source(
                     rows = range(first, min(first + _BLOCK, counts[class_id]))
                     writer.add(source, class_id, rows, size)
             f.attrs["channels"] = writer.channels
-        os.replace(tmp, out)
-    except BaseException:  # also KeyboardInterrupt: never leave a partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
     log.info('converted source "%s" (%d images) to %s in %.1f s', source.name, sum(counts), out,
              time.perf_counter() - start)
     return out

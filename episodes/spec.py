@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from episodes.atomic import atomic_write
 from episodes.split import Split
 
 __all__ = ["DatasetSpec", "SpecError", "parse_split"]
@@ -187,10 +188,7 @@ class DatasetSpec:
         """Return the JSON text; with ``path``, also write it there atomically."""
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
         if path is not None:
-            target = Path(path)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
+            atomic_write(path, text)
         return text
 
     @classmethod

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from episodes.atomic import atomic_write
 from episodes.loader import EpisodePlan, EpisodeSet
 from episodes.readers.base import Source
 from episodes.sampler import SamplerConfig
@@ -191,12 +192,7 @@ def _write(target_dir: Path, name: str, data: bytes) -> Path:
     plain, zipped = target_dir / f"{name}.json", target_dir / f"{name}.json.gz"
     path, other = (zipped, plain) if len(data) > GZIP_ABOVE else (plain, zipped)
     payload = gzip.compress(data, compresslevel=9, mtime=0) if path is zipped else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, payload)
     other.unlink(missing_ok=True)  # never leave two versions of one suite
     log.info("suite %s: %d bytes of JSON written to %s (%d bytes)", name, len(data), path, len(payload))
     return path

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from episodes.atomic import atomic_path, atomic_write
 from metabench.learners.base import Learner
-from metabench.results import atomic_write
 
 __all__ = ["CheckpointError", "TrainPosition", "atomic_save", "load_training_checkpoint", "mark_training_done",
            "read_position", "save_training_checkpoint"]
@@ -92,10 +92,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_save(save: Any, path: Path) -> None:
-    """``save(tmp)`` then rename to ``path``: readers see the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    save(tmp)
-    tmp.replace(path)
+    """``save(tmp)`` then rename to ``path`` (``episodes.atomic``): readers see the old file or the new one."""
+    with atomic_path(path) as tmp:
+        save(tmp)
 
 
 def save_training_checkpoint(directory: Path, learner: Learner, *, update: int, tasks: int,

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from episodes.atomic import atomic_write
 from episodes.episode import Episode, Support
-from metabench.results import atomic_write
 
 __all__ = [
     "EXPERT_SCORE_COLUMNS",

@@ -12,9 +12,7 @@ import functools
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -22,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from episodes.atomic import atomic_path, atomic_write
 
 __all__ = [
     "EPISODE_COLUMNS",
@@ -31,7 +31,6 @@ __all__ = [
     "RunFolders",
     "RunWriter",
     "ResultsError",
-    "atomic_write",
     "ci95",
     "load_run",
     "summarize",
@@ -46,12 +45,6 @@ CONFIG = "config.yaml"
 EPISODES = "episodes.parquet"
 TRAIN_LOG = "train_log.jsonl"
 PARTIAL = "episodes.partial.jsonl"  # rows appended as they are produced; folded into EPISODES at the end
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class ResultsError(RuntimeError):
@@ -126,24 +119,6 @@ class EpisodeRow:
 EPISODE_COLUMNS: list[str] = [f.name for f in fields(EpisodeRow)]
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class RunWriter:
     """Writes one run folder; every file is replaced atomically. A failed write is an ``OutputError``."""
 
@@ -164,7 +139,8 @@ class RunWriter:
 
     @_writes
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        atomic_write(self.run_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        atomic_write(self.run_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n",
+                     fsync=True)
 
     @_writes
     def write_config(self, yaml_text: str) -> None:
@@ -214,14 +190,8 @@ class RunWriter:
             # Re-evaluating an episode under the same protocol replaces its earlier row.
             frame = pd.concat([self._previous, frame], ignore_index=True)
             frame = frame.drop_duplicates(["source", "split", "episode_id", "mode", "steps"], keep="last")
-        with tempfile.NamedTemporaryFile(dir=self.run_dir, suffix=".parquet.tmp", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            frame.to_parquet(tmp_path, index=False)
-            os.chmod(tmp_path, 0o666 & ~_umask())
-            os.replace(tmp_path, path)
-        finally:
-            tmp_path.unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            frame.to_parquet(tmp, index=False)
         if final:
             (self.run_dir / PARTIAL).unlink(missing_ok=True)
         return path

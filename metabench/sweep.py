@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from episodes.atomic import atomic_write
 from metabench.config import ConfigError, RunConfig, load_config
-from metabench.results import MANIFEST, atomic_write
+from metabench.results import MANIFEST
 
 __all__ = ["SweepAxis", "SweepOutcome", "parse_axes", "run_sweep", "settings"]
 

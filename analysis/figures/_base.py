@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from episodes.atomic import atomic_path
 
 __all__ = ["FigureResult", "NoData", "has_data", "new_figure", "save_figure"]
 
@@ -54,11 +55,7 @@ def save_figure(fig: Figure, out_dir: Path, name: str, caption: str) -> FigureRe
     out_dir.mkdir(parents=True, exist_ok=True)
     png, svg = out_dir / f"{name}.png", out_dir / f"{name}.svg"
     for path in (png, svg):
-        tmp = path.with_name(f".{path.name}.tmp")  # rename when complete: no half-written figure is left behind
-        try:
+        with atomic_path(path) as tmp:  # renamed when complete: no half-written figure is left behind
             fig.savefig(tmp, format=path.suffix[1:], dpi=150)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
     log.info("Wrote figure %s", png)
     return FigureResult(name, caption, png, svg, fig)

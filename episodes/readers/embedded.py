@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from episodes.atomic import atomic_path
 from episodes.readers import glyphs
 from episodes.readers.base import Source, cache_dir
 from episodes.readers.glyphs import NOTO_SCRIPTS
@@ -31,13 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def _atomic_save(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``write(file)`` into a temporary file renamed onto ``path`` (``episodes.atomic``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 class NotoGlyphs(Source):

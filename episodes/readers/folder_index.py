@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from episodes.atomic import atomic_write
 from episodes.readers.base import cache_dir
 
 __all__ = ["IMAGE_EXTENSIONS", "INDEX_VERSION", "LAYOUTS", "ClassFiles", "Exclusion", "FolderSourceError",
@@ -52,15 +53,10 @@ def index_path(kind: str, key: str) -> Path:
 
 def write_index(path: Path, stamp: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
     """Write an index atomically (temp file, then rename); a failure only costs a rescan next time."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"stamp": stamp, **payload}), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"stamp": stamp, **payload}))
     except OSError as e:
         log.warning("Could not cache the index at %s (%s); the data will be listed again next time.", path, e)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- exclusion lists -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import crc32c
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from episodes.atomic import atomic_path
 from episodes.readers.base import cache_dir
 
 __all__ = ["IndexCache", "TFRecordError", "decode_image", "group_spans", "image_bytes", "masked_crc32c",
@@ -131,16 +132,12 @@ class IndexCache:
 
     def _save(self, **arrays: np.ndarray) -> None:
         for path in self.paths:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as f:
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
                     np.savez(f, version=np.int64(_INDEX_VERSION), pattern=np.str_(self.pattern), **arrays)
-                os.replace(tmp, path)
                 return
             except OSError as e:
                 log.debug("cannot write index %s (%s); trying the next location", path, e)
-                tmp.unlink(missing_ok=True)
         log.warning("could not cache the record index of %s anywhere; it will be rebuilt next time", self.folder)
 
 
