@@ -8,7 +8,6 @@ warm-up. PMF's "F" (test-time fine-tuning) is the generic ``full`` protocol of `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -21,8 +20,9 @@ from episodes.episode import Episode
 from metabench.learners import LEARNERS
 from metabench.learners.base import Learner, LearnerConfig
 from metabench.nn.heads import CosineHead, class_prototypes, embed
+from metabench.schedules import warmup_cosine
 
-__all__ = ["PMF", "PMFConfig", "warmup_cosine"]
+__all__ = ["PMF", "PMFConfig"]
 
 
 @dataclass
@@ -36,14 +36,6 @@ class PMFConfig(LearnerConfig):
     clip_grad: float | None = None  # max global gradient norm; None: no clipping (PMF's default)
     scale: float = 10.0  # initial cosine-logit temperature
     batch_size: int = 128  # images per backbone forward
-
-
-def warmup_cosine(update: int, *, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warm-up to 1 over ``warmup`` updates, then cosine decay to 0 at ``total``."""
-    if update < warmup:
-        return (update + 1) / warmup
-    progress = (update - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:

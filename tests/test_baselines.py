@@ -30,7 +30,7 @@ def _episode(seed: int, way: int = 3, shots: int = 3, queries: int = 3) -> Episo
 
 
 def test_warmup_cosine_schedule_drives_the_learning_rate() -> None:
-    from baselines.pmf import warmup_cosine
+    from metabench.schedules import warmup_cosine
 
     factors = [warmup_cosine(u, warmup=2, total=10) for u in range(10)]
     assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0

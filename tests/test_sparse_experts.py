@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metabench.backbones import create_backbone
-from metabench.learners.smat_losses import LagrangianSparsity, distillation, warmup_cosine
+from metabench.learners.smat_losses import LagrangianSparsity, distillation
 from metabench.nn.sparse_experts import (
     L0_SHIFT,
     GateCache,
@@ -21,6 +21,7 @@ from metabench.nn.sparse_experts import (
     hard_concrete,
     select_targets,
 )
+from metabench.schedules import warmup_cosine
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["KD_DIRECTIONS", "LagrangianSparsity", "UpstreamEpochs", "distillation", "make_schedulers",
-           "warmup_cosine"]
+from metabench.schedules import warmup_cosine
+
+__all__ = ["KD_DIRECTIONS", "LagrangianSparsity", "UpstreamEpochs", "distillation", "make_schedulers"]
 
 #: ``teacher_student``: KL(teacher || student), the usual distillation direction (default);
 #: ``student_teacher``: KL(student || teacher), what upstream's ``F.kl_div`` call computes.
@@ -107,14 +108,6 @@ class LagrangianSparsity(nn.Module):
         self.multipliers.add_(lr * step).clamp_(min=0.0)
         if reset:
             self.multipliers.masked_fill_(violation <= 0, 0.0)
-
-
-def warmup_cosine(update: int, *, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup`` updates, then cosine decay to 0 at ``total``."""
-    if update < warmup:
-        return (update + 1) / warmup
-    progress = (update - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class UpstreamEpochs:
