@@ -117,6 +117,13 @@ class Registry(Generic[T]):
         self._lazy.pop(name, None)
         return obj
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a test's temporary entry); an unknown name is a ``RegistryError``."""
+        if name not in self._objects and name not in self._lazy:
+            raise RegistryError(f'{self.kind} "{name}" is not registered.')
+        self._objects.pop(name, None)
+        self._lazy.pop(name, None)
+
     def __contains__(self, name: object) -> bool:
         self._scan_entry_points()
         return name in self._objects or name in self._lazy

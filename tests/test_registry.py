@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import sys
 import textwrap
-import types
 
 import pytest
 
@@ -72,10 +71,13 @@ def test_plugin_file_registers_a_learner(tmp_path, monkeypatch: pytest.MonkeyPat
         class PreCopy(Pre):
             """A copy of pre."""
     '''))
-    load_plugins([str(plugin)])
-    load_plugins([str(plugin)])  # loading the same file again is harmless
-    assert LEARNERS.get("pre_copy_for_test").__name__ == "PreCopy"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_plugins([str(tmp_path / "missing.py")])
-    sys.modules.pop("metabench_plugin_my_plugin", None)
-    assert isinstance(sys.modules.get("metabench.registry"), types.ModuleType)
+    try:
+        load_plugins([str(plugin)])
+        load_plugins([str(plugin)])  # loading the same file again is harmless
+        assert LEARNERS.get("pre_copy_for_test").__name__ == "PreCopy"
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_plugins([str(tmp_path / "missing.py")])
+    finally:  # leave the global registry as it was for the other tests
+        sys.modules.pop("metabench_plugin_my_plugin", None)
+        LEARNERS.unregister("pre_copy_for_test")
+    assert "pre_copy_for_test" not in LEARNERS
