@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # ``benchmarks`
 from benchmarks import SUITES  # noqa: E402
 from benchmarks.__main__ import main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses (CLI, torchrun, kills): `pytest -m "not slow"` skips them
+
 TARGET_KEYS = {"name", "measured", "threshold", "kind", "unit", "note", "passed"}
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from metabench.results import EPISODE_COLUMNS
 
+pytestmark = pytest.mark.slow  # subprocesses (CLI, torchrun, kills): `pytest -m "not slow"` skips them
+
 FAST = ["--backbone", "vit_test", "--quiet", "data.image_size=32", "eval.episodes=3"]
 
 

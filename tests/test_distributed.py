@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses (CLI, torchrun, kills): `pytest -m "not slow"` skips them
+
 COMMON = ["--backbone", "vit_test", "--quiet", "data.image_size=32", "data.eval_sources=[noto,digits]",
           "eval.episodes=3", "data.sampler.mode=fixed", "data.sampler.use_bilevel_hierarchy=false", "data.sampler.way=3", "data.sampler.shot=2",
           "data.sampler.query=2", "data.train_sampler.mode=fixed", "data.train_sampler.way=3",

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses (CLI, torchrun, kills): `pytest -m "not slow"` skips them
+
 PLUGIN = str(Path(__file__).with_name("crashing_learners.py"))
 ARGS = ["--plugin", PLUGIN, "--backbone", "vit_test", "--quiet", "data.image_size=32", "train.episodes=6",
         "train.checkpoint_every=2", "train.log_every=1", "train.probe_every=2", "learner.n_experts=2",

@@ -11,6 +11,7 @@ from metabench.cli import main
 from metabench.config import ConfigError
 from metabench.sweep import SweepAxis, parse_axes, settings
 
+
 FAST = ["--learner", "smat", "--backbone", "vit_test", "--quiet", "data.image_size=32", "eval.episodes=2",
         "train.episodes=2", "learner.n_experts=2", "data.eval_sources=[noto,digits]"]
 
@@ -26,6 +27,7 @@ def test_axes_and_grid() -> None:
             parse_axes(bad)
 
 
+@pytest.mark.slow  # several end-to-end runs
 def test_sweep_runs_every_setting_reports_and_resumes(tmp_path: Path, capsys) -> None:
     argv = ["sweep", *FAST, "--out", str(tmp_path), "--name", "tau", "--over", "learner.sparsity=0.5,0.9"]
     assert main(argv) == 0, capsys.readouterr().err
