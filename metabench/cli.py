@@ -127,8 +127,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     outcome = run_sweep(parse_axes(args.over), config=args.config, overrides=args.overrides, flags=_flags(args),
                         name=args.name, progress=not args.quiet)
+    from analysis.report import write_report
+
+    report = write_report(outcome.run_dirs, outcome.report_dir, sweep_key=outcome.sweep_key,
+                          sweep_group=outcome.sweep_group)
     print(f"Sweep: {outcome.sweep_dir} ({len(outcome.run_dirs)} runs)")
-    print(f"Report: {outcome.report}")
+    print(f"Report: {report}")
     return 0
 
 

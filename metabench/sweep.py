@@ -39,9 +39,23 @@ class SweepAxis:
 
 @dataclass
 class SweepOutcome:
+    """Where a sweep's runs are; the CLI writes its report (the core never imports the analysis package)."""
+
     sweep_dir: Path
     run_dirs: list[Path]
-    report: Path | None
+    axes: list[SweepAxis]
+
+    @property
+    def report_dir(self) -> Path:
+        return self.sweep_dir / "report"
+
+    @property
+    def sweep_key(self) -> str:
+        return self.axes[0].key
+
+    @property
+    def sweep_group(self) -> str | None:
+        return self.axes[1].key if len(self.axes) > 1 else None
 
 
 def parse_axes(specs: Sequence[str]) -> list[SweepAxis]:
@@ -99,9 +113,8 @@ def _plan(config: Path | None, overrides: Sequence[str], flags: dict[str, Any],
 
 
 def run_sweep(axes: Sequence[SweepAxis], *, config: Path | None = None, overrides: Sequence[str] = (),
-              flags: dict[str, Any] | None = None, name: str | None = None, progress: bool = True,
-              report: bool = True) -> SweepOutcome:
-    """Run every setting of the grid (skipping finished ones of an earlier, same-named sweep), then report."""
+              flags: dict[str, Any] | None = None, name: str | None = None, progress: bool = True) -> SweepOutcome:
+    """Run every setting of the grid (skipping finished ones of an earlier, same-named sweep)."""
     from metabench.runs import execute
 
     planned = _plan(config, overrides, flags or {}, axes)
@@ -127,10 +140,4 @@ def run_sweep(axes: Sequence[SweepAxis], *, config: Path | None = None, override
             execute(cfg, progress=progress, run_dir=run_dir)
         state["settings"][run_dir.name] = {"overrides": setting, "status": "finished"}
         atomic_write(sweep_dir / SWEEP_FILE, json.dumps(state, indent=2) + "\n")
-    path = None
-    if report:
-        from analysis.report import write_report
-
-        path = write_report(run_dirs, sweep_dir / "report", sweep_key=axes[0].key,
-                            sweep_group=axes[1].key if len(axes) > 1 else None)
-    return SweepOutcome(sweep_dir, run_dirs, path)
+    return SweepOutcome(sweep_dir, run_dirs, list(axes))
