@@ -1,4 +1,4 @@
-"""metabench.analysis: tables, figures and the report, from run folders only (pandas, matplotlib, scipy).
+"""analysis: tables, figures and the report, from run folders only (pandas, matplotlib, scipy).
 
 Never imports torch. Public entry point: ``write_report(run_dirs, out)``; the pieces live in ``load``, ``stats``,
 ``tables``/``render``, ``compare``, ``experts``, ``figures`` and ``report``. Imports are lazy so that

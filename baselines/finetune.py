@@ -2,7 +2,7 @@
 
 The SMAT paper's "Pre+full" column. The learner is ``pre`` (frozen backbone, cosine prototypes)
 with a different default protocol: when ``eval.modes`` is unset it evaluates with ``full``
-fine-tuning (``metabench.protocols``) for ``eval.steps`` steps, so a run of ``--learner finetune``
+fine-tuning (``metabench.finetuning``) for ``eval.steps`` steps, so a run of ``--learner finetune``
 means what its name says. ``mode="zero_shot"`` still works and equals ``pre``.
 """
 

@@ -3,7 +3,7 @@
 Each training episode's query images are classified against prototypes of its support images with
 PMF's cosine head ``scale * (cos + bias)`` (learnable scale, init 10, and bias, init 0); the loss is
 query cross-entropy and every backbone weight trains, with AdamW and a cosine schedule after a linear
-warm-up. PMF's "F" (test-time fine-tuning) is the generic ``full`` protocol of ``metabench.protocols``.
+warm-up. PMF's "F" (test-time fine-tuning) is the generic ``full`` protocol of ``metabench.finetuning``.
 """
 
 from __future__ import annotations

@@ -109,8 +109,8 @@ def fine_tuning(alias: str, n_episodes: int, steps: int, dev: Any) -> dict[str, 
     import torch
 
     from metabench.backbones import create_backbone
+    from metabench.finetuning import FineTuneOptions
     from metabench.learners import create_learner
-    from metabench.protocols import FineTuneOptions
 
     learner = create_learner("finetune", create_backbone(alias, image_size=image_size_of(alias))).to(dev).eval()
     episodes = [ep.to(dev) for ep in fixed_episodes(n_episodes + 1, image_size=image_size_of(alias), **EPISODE)]

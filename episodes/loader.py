@@ -111,7 +111,7 @@ class EpisodeSet(Dataset[Episode]):
         self.seed = seed
         self.image_size = image_size
         self.per_source = per_source
-        self.augment = augment  # e.g. episodes.augment.TrainAugment(); called as augment(images, seed)
+        self.augment = augment  # e.g. episodes.train_augment.TrainAugment(); called as augment(images, seed)
         for source in self.sources:  # fail now, with the class named, not at episode 317
             check_split(source.spec, self.split, self.config)
         log.debug("EpisodeSet: %d episodes of %s (%s, seed %d)", len(self), ", ".join(names), self.split.value, seed)

@@ -7,7 +7,7 @@ comparable per episode, as Meta-Dataset's dumped episodes do. A content hash gua
 a fingerprint of each source's spec detects a source that changed under the suite (for noto the
 class list depends on font rendering, so this is a real risk).
 
-File layout (``episodes/suites/<name>.json``, or ``.json.gz`` when over ~1 MB): a header (format,
+File layout (``episodes/suite_files/<name>.json``, or ``.json.gz`` when over ~1 MB): a header (format,
 name, split, seed, episodes per source, image size, sampler settings, per-source fingerprints),
 ``episodes`` (one JSON object per line), and ``content_hash``: the sha256 of the canonical JSON
 of everything else.
@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SUITES_DIR = Path(__file__).with_name("suites")
+SUITES_DIR = Path(__file__).with_name("suite_files")
 FORMAT = "metabench-suite/1"
 GZIP_ABOVE = 1_000_000  # bytes of JSON; a 600-episode x 3-source suite is ~10 MB as text, ~2 MB gzipped
 

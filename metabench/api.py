@@ -26,9 +26,9 @@ from metabench.config import EvalConfig, RunConfig, load_config
 from metabench.distributed import init_from_env
 from metabench.engine import EvalContext, resolve_precision, select_device, select_learning_rates
 from metabench.engine import evaluate as _evaluate_episodes
+from metabench.finetuning import plan_protocols
 from metabench.learners.base import Learner
 from metabench.lr_selection import LrSelector
-from metabench.protocols import plan_protocols
 from metabench.results import EPISODE_COLUMNS
 from metabench.results import load_run as _read_run
 from metabench.runs import eval_episodes, restore_learner, validation_episodes

@@ -245,7 +245,7 @@ def _episodes_parser(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--sources", nargs="+", help="source names, for a suite that is not a recipe")
     ep.add_argument("--split", choices=["train", "valid", "test"], help="class split, for a suite that is not a recipe")
     ep.add_argument("--image-size", type=int, help="image size recorded with the suite (default: native)")
-    ep.add_argument("--out", help="folder for the suite file (default: the package's episodes/suites/)")
+    ep.add_argument("--out", help="folder for the suite file (default: the package's episodes/suite_files/)")
     _source_config_args(ep)
     _plugin_arg(ep)
     ep.set_defaults(func=cmd_episodes)

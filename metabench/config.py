@@ -84,7 +84,7 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  # ... and whenever this much time passed since the last one (0: never by time)
 
 
-#: Evaluation protocols: "zero_shot" (prototypes only), "full" and "lora" (test-time fine-tuning, metabench.protocols).
+#: Evaluation protocols: "zero_shot" (prototypes only), "full" and "lora" (test-time fine-tuning, metabench.finetuning).
 EVAL_MODES: tuple[str, ...] = ("zero_shot", "full", "lora")
 LR_SELECTIONS: tuple[str, ...] = ("valid", "support", "fixed")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
@@ -97,7 +97,7 @@ LORA_TARGET = (r"(.*\.)?blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 
 @dataclass
 class EvalConfig:
-    """Evaluation episodes and protocols. Fields shared by name with ``metabench.protocols.FineTuneOptions``
+    """Evaluation episodes and protocols. Fields shared by name with ``metabench.finetuning.FineTuneOptions``
     (optimizer ... lora_lr_scale, batch_size) are copied into it."""
 
     episodes: int = 40  # per evaluation source

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from episodes.episode import Episode
 from metabench.distributed import average_metrics, grad_sync, is_main, world_size
+from metabench.finetuning import EvalProtocol
 from metabench.learners.base import Learner
 from metabench.lr_selection import LrSelector
 from metabench.progress import progress as progress_bar
-from metabench.protocols import Protocol
 from metabench.results import EpisodeRow
 
 __all__ = ["EvalContext", "autocast", "evaluate", "meta_train", "select_device", "select_learning_rates"]
@@ -72,7 +72,7 @@ def evaluate(
     episodes: Iterable[Episode],
     ctx: EvalContext,
     *,
-    protocols: Sequence[Protocol],
+    protocols: Sequence[EvalProtocol],
     device: torch.device,
     precision: str = "fp32",
     selector: LrSelector | None = None,
@@ -144,7 +144,7 @@ def select_learning_rates(
     learner: Learner,
     selector: LrSelector,
     validation: dict[str, list[Episode]],
-    protocols: Sequence[Protocol],
+    protocols: Sequence[EvalProtocol],
     *,
     device: torch.device,
     precision: str = "fp32",

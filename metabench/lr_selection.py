@@ -33,7 +33,7 @@ from torch import Tensor
 
 from episodes.episode import Episode, Support
 from metabench.config import EvalConfig
-from metabench.protocols import FineTuneOptions, Protocol
+from metabench.finetuning import EvalProtocol, FineTuneOptions
 
 if TYPE_CHECKING:
     from metabench.learners.base import Learner, TaskState
@@ -65,7 +65,7 @@ def split_support(support: Support) -> Task | None:
     return Support(support.x[keep_idx], support.y[keep_idx]), support.x[held_idx], support.y[held_idx]
 
 
-def score_lrs(learner: Learner, tasks: Sequence[Task], *, protocol: Protocol, options: FineTuneOptions,
+def score_lrs(learner: Learner, tasks: Sequence[Task], *, protocol: EvalProtocol, options: FineTuneOptions,
               grid: Sequence[float]) -> dict[float, tuple[float, float]]:
     """Mean (accuracy, loss) over ``tasks`` of fine-tuning with each learning rate of ``grid``."""
     scores: dict[float, tuple[float, float]] = {}
@@ -82,7 +82,7 @@ def score_lrs(learner: Learner, tasks: Sequence[Task], *, protocol: Protocol, op
     return scores
 
 
-def steps_at(protocol: Protocol, lr: float) -> int:
+def steps_at(protocol: EvalProtocol, lr: float) -> int:
     """Fine-tuning steps at ``lr``: none at lr 0, whose steps cannot move a weight (it is the zero-shot candidate)."""
     return protocol.steps if lr > 0 else 0
 
@@ -96,7 +96,7 @@ def best_lr(scores: dict[float, tuple[float, float]]) -> float:
     return max(scores, key=rank)
 
 
-def select_lr_on_support(learner: Learner, support: Support, *, protocol: Protocol, options: FineTuneOptions,
+def select_lr_on_support(learner: Learner, support: Support, *, protocol: EvalProtocol, options: FineTuneOptions,
                          grid: Sequence[float]) -> float | None:
     """The best rate of ``grid`` for this support set on a held-out part of it (None: nothing to hold out)."""
     task = split_support(support)
@@ -120,9 +120,9 @@ class LrSelector:
             raise ValueError("lr selection method fixed needs a learning rate (eval.lr).")
         self.method = "fixed" if fixed is not None else method
         self.options, self.grid, self.fixed = options, [float(v) for v in grid], fixed
-        self._valid: dict[tuple[str, Protocol], float] = {}
+        self._valid: dict[tuple[str, EvalProtocol], float] = {}
         self._record: dict[str, dict[str, dict[str, Any]]] = {}  # protocol label -> source -> entry
-        self._support_counts: dict[tuple[str, Protocol], Counter] = {}
+        self._support_counts: dict[tuple[str, EvalProtocol], Counter] = {}
 
     @classmethod
     def from_eval(cls, ev: EvalConfig, seed: int = 0) -> LrSelector:
@@ -132,7 +132,7 @@ class LrSelector:
     def wants_validation(self) -> bool:
         return self.method == "valid"
 
-    def fit_on_validation(self, learner: Learner, source: str, protocol: Protocol,
+    def fit_on_validation(self, learner: Learner, source: str, protocol: EvalProtocol,
                           episodes: Sequence[Episode]) -> float:
         """Choose the rate of ``source`` under ``protocol`` on its validation episodes (query labels allowed)."""
         if any(ep.split.value != "valid" for ep in episodes):
@@ -148,7 +148,7 @@ class LrSelector:
                  ", ".join(f"{k:g}: {v[0]:.3f}" for k, v in scores.items()))
         return lr
 
-    def lr_for(self, learner: Learner, source: str, support: Support, protocol: Protocol) -> float:
+    def lr_for(self, learner: Learner, source: str, support: Support, protocol: EvalProtocol) -> float:
         """The rate to fine-tune ``support`` with: fixed, chosen on validation episodes, or on the support set."""
         if self.fixed is not None:
             self._entry(source, protocol).update(method="fixed", lr=self.fixed)
@@ -161,7 +161,7 @@ class LrSelector:
         self._entry(source, protocol).update(method="support", chosen=dict(counts))
         return 0.0 if lr is None else lr
 
-    def adapt(self, learner: Learner, source: str, support: Support, protocol: Protocol) -> TaskState:
+    def adapt(self, learner: Learner, source: str, support: Support, protocol: EvalProtocol) -> TaskState:
         """``learner.adapt`` under ``protocol``, with the learning rate chosen here."""
         if not protocol.fine_tunes:
             return learner.adapt(support, mode="zero_shot", steps=0)
@@ -169,7 +169,7 @@ class LrSelector:
         return learner.adapt(support, mode=protocol.mode, steps=steps_at(protocol, lr),
                              options=self.options.with_lr(lr))
 
-    def _entry(self, source: str, protocol: Protocol) -> dict[str, Any]:
+    def _entry(self, source: str, protocol: EvalProtocol) -> dict[str, Any]:
         return self._record.setdefault(protocol.label, {}).setdefault(source, {})
 
     def record(self) -> dict[str, Any]:

@@ -28,11 +28,11 @@ from metabench.backbones import Backbone, create_backbone
 from metabench.config import ConfigError, RunConfig, load_config, to_yaml
 from metabench.distributed import gather_to_rank0, init_from_env, is_main, shard, share_from_rank0, world_size
 from metabench.engine import EvalContext, evaluate, resolve_precision, select_device, select_learning_rates
+from metabench.finetuning import EvalProtocol, plan_protocols
 from metabench.learners import create_learner
 from metabench.learners.base import Learner
 from metabench.lr_selection import LrSelector
 from metabench.probes import ProbeRecorder
-from metabench.protocols import Protocol, plan_protocols
 from metabench.results import EpisodeRow, FollowerRunWriter, RunWriter, load_run
 from metabench.training import CHECKPOINT, load_learner_state, run_training
 
@@ -124,7 +124,7 @@ def eval_episodes(cfg: RunConfig, sources: dict[str, Source]) -> EpisodeSet:
 
 
 def plan_eval(cfg: RunConfig, learner: Learner, modes: list[str] | None = None,
-              steps: list[int] | None = None) -> list[Protocol]:
+              steps: list[int] | None = None) -> list[EvalProtocol]:
     """The protocols to evaluate: ``modes`` (else eval.modes, else the learner's ``default_modes``) times
     ``steps`` (else [eval.steps]); zero_shot always runs with 0 steps."""
     modes = modes or cfg.eval.modes or list(learner.default_modes)
@@ -151,7 +151,7 @@ def validation_episodes(cfg: RunConfig, sources: dict[str, Source]) -> dict[str,
 
 def _evaluate(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writer: RunWriter, run_id: str,
               device: torch.device, precision: str, progress: bool,
-              protocols: list[Protocol], recorder: ProbeRecorder, persist: bool = False,
+              protocols: list[EvalProtocol], recorder: ProbeRecorder, persist: bool = False,
               episode_set: EpisodeSet | None = None) -> dict[str, Any] | None:
     """Evaluate ``protocols`` on the evaluation episodes; returns the learning-rate record (None: no fine-tuning).
 
@@ -190,7 +190,7 @@ def _evaluate(cfg: RunConfig, learner: Learner, sources: dict[str, Source], writ
 
 
 def _merge_shards(writer: RunWriter, recorder: ProbeRecorder, kept: list[EpisodeRow], new: list[EpisodeRow],
-                  order: dict[tuple[str, str], int], protocols: list[Protocol]) -> None:
+                  order: dict[tuple[str, str], int], protocols: list[EvalProtocol]) -> None:
     """Rank 0 collects every rank's rows (and expert scores) in the order one process would produce."""
     parts = gather_to_rank0([(order, new, recorder.scores)])
     if not is_main():

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from episodes.augment import TrainAugment
 from episodes.episode import Episode, Split
 from episodes.loader import EpisodeSet, make_loader
 from episodes.readers.base import Source
+from episodes.train_augment import TrainAugment
 from metabench.checkpoint import (
     TrainPosition,
     atomic_save,
@@ -35,9 +35,9 @@ from metabench.config import ConfigError, RunConfig
 from metabench.distributed import attach_grad_averaging, broadcast_module, is_main, rank, world_size
 from metabench.engine import meta_train
 from metabench.learners.base import Learner
+from metabench.learning_curves import Validator
 from metabench.probes import ProbeRecorder
 from metabench.results import TRAIN_LOG, RunWriter
-from metabench.validation import Validator
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_DIR", "Checkpointer", "load_learner_state", "rank_tasks", "run_training",
            "save_learner"]

@@ -150,15 +150,15 @@ def test_engine_records_the_support_imbalance() -> None:
     from episodes.episode import Episode, Split
     from metabench.backbones import create_backbone
     from metabench.engine import EvalContext, evaluate
+    from metabench.finetuning import EvalProtocol
     from metabench.learners import create_learner
-    from metabench.protocols import Protocol
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 255, (9, 3, 32, 32), generator=g, dtype=torch.uint8)
     support_y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1][:7])  # 5 + 2 of 7: shares 5/7, 2/7
     ep = Episode(x[:7], support_y, x[7:], torch.tensor([0, 1]), "s", Split.TEST, "e0")
     learner = create_learner("pre", create_backbone("vit_test"))
-    (row,) = evaluate(learner, [ep], EvalContext("r", "pre", "vit_test", {}), protocols=[Protocol("zero_shot", 0)],
+    (row,) = evaluate(learner, [ep], EvalContext("r", "pre", "vit_test", {}), protocols=[EvalProtocol("zero_shot", 0)],
                       device=torch.device("cpu"), progress=False)
     assert row.imbalance == pytest.approx(3 / 7)
 

@@ -11,9 +11,9 @@ import torch
 from episodes.episode import Episode, Split
 from metabench.backbones import create_backbone
 from metabench.config import EVAL_MODES
+from metabench.finetuning import FineTuneOptions
 from metabench.learners import create_learner, list_learners
 from metabench.nn.heads import class_prototypes, cosine_logits
-from metabench.protocols import FineTuneOptions
 from metabench.training import load_learner_state, save_learner
 
 

@@ -111,7 +111,7 @@ def test_clear_errors(noto, digits):
 
 
 def test_train_augmentation_is_seeded_per_episode(noto, digits):
-    from episodes.augment import TrainAugment
+    from episodes.train_augment import TrainAugment
 
     plain = EpisodeSet([noto, digits], Split.TEST, SamplerConfig(), 2, seed=4, per_source=True)
     aug = EpisodeSet([noto, digits], Split.TEST, SamplerConfig(), 2, seed=4, per_source=True, augment=TrainAugment())

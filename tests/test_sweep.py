@@ -11,7 +11,6 @@ from metabench.cli import main
 from metabench.config import ConfigError
 from metabench.sweep import SweepAxis, parse_axes, settings
 
-
 FAST = ["--learner", "smat", "--backbone", "vit_test", "--quiet", "data.image_size=32", "eval.episodes=2",
         "train.episodes=2", "learner.n_experts=2", "data.eval_sources=[noto,digits]"]
 

@@ -21,7 +21,7 @@ from metabench.nn.heads import class_prototypes, cosine_logits, embed
 
 if TYPE_CHECKING:
     from metabench.backbones import Backbone
-    from metabench.protocols import FineTuneOptions
+    from metabench.finetuning import FineTuneOptions
 
 __all__ = ["Learner", "LearnerConfig", "NotMetaTrainable", "TaskState", "ProtoState"]
 
@@ -130,11 +130,11 @@ class Learner(nn.Module, ABC):
         """Fit one task from its support set without mutating the learner; ``steps=0`` is zero-shot.
 
         ``mode`` names an evaluation protocol ("zero_shot", or a fine-tuning protocol of
-        ``metabench.protocols``), which receives ``options``.
+        ``metabench.finetuning``), which receives ``options``.
         """
         model = self.task_model(support)
         if mode != "zero_shot" and steps > 0:
-            from metabench.protocols import fine_tune
+            from metabench.finetuning import fine_tune
 
             model = fine_tune(self, model, support, mode=mode, steps=steps, options=options)
         with torch.no_grad():

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from episodes.episode import Support
 from metabench.config import EVAL_MODES, LORA_TARGET, OPTIMIZERS, EvalConfig
-from metabench.nn.augment import diff_augment
+from metabench.nn.diff_augment import diff_augment
 from metabench.nn.heads import class_prototypes, embed
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FINE_TUNING_MODES",
     "FineTuneOptions",
-    "Protocol",
+    "EvalProtocol",
     "fine_tune",
     "merge_adapters",
     "plan_protocols",
@@ -85,7 +85,7 @@ class FineTuneOptions:
 
 
 @dataclass(frozen=True)
-class Protocol:
+class EvalProtocol:
     """One evaluation protocol: a mode and its number of fine-tuning steps (0 for zero_shot)."""
 
     mode: str
@@ -100,7 +100,7 @@ class Protocol:
         return f"{self.mode}@{self.steps}" if self.fine_tunes else self.mode
 
 
-def plan_protocols(modes: Sequence[str], steps: Sequence[int]) -> list[Protocol]:
+def plan_protocols(modes: Sequence[str], steps: Sequence[int]) -> list[EvalProtocol]:
     """Every (mode, steps) pair to evaluate: zero_shot once, with 0 steps; each fine-tuning mode with
     each positive step count (0 steps of fine-tuning would repeat zero_shot)."""
     for mode in modes:
@@ -109,15 +109,15 @@ def plan_protocols(modes: Sequence[str], steps: Sequence[int]) -> list[Protocol]
     if any(s < 0 for s in steps):
         raise ValueError(f"Fine-tuning step counts must not be negative, got {list(steps)}.")
     positive = [int(s) for s in dict.fromkeys(steps) if s > 0]
-    plan: list[Protocol] = []
+    plan: list[EvalProtocol] = []
     for mode in dict.fromkeys(modes):
         if mode == "zero_shot":
-            plan.append(Protocol("zero_shot", 0))
+            plan.append(EvalProtocol("zero_shot", 0))
         elif not positive:
             raise ValueError(f'Mode "{mode}" fine-tunes but no positive step count was given ({list(steps)}); '
                              "pass one, e.g. --steps 0 50.")
         else:
-            plan.extend(Protocol(mode, s) for s in positive)
+            plan.extend(EvalProtocol(mode, s) for s in positive)
     return plan
 
 

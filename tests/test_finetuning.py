@@ -15,11 +15,11 @@ from episodes.episode import Episode, Split, Support
 from metabench.backbones import create_backbone
 from metabench.config import EvalConfig, load_config
 from metabench.engine import EvalContext, evaluate
+from metabench.finetuning import EvalProtocol, FineTuneOptions, fine_tune, merge_adapters, plan_protocols, prepare
 from metabench.learners import create_learner
 from metabench.lr_selection import LrSelector, score_lrs, split_support
-from metabench.nn.augment import diff_augment, translate
+from metabench.nn.diff_augment import diff_augment, translate
 from metabench.nn.heads import class_prototypes
-from metabench.protocols import FineTuneOptions, Protocol, fine_tune, merge_adapters, plan_protocols, prepare
 from metabench.results import load_run
 from metabench.runs import eval_saved_run, execute
 
@@ -51,9 +51,9 @@ def _square_task(seed: int, shots: int = 8, queries: int = 4, size: int = 32) ->
 
 def test_plan_protocols_crosses_modes_and_steps() -> None:
     plan = plan_protocols(["zero_shot", "full", "lora"], [0, 50])
-    assert plan == [Protocol("zero_shot", 0), Protocol("full", 50), Protocol("lora", 50)]
+    assert plan == [EvalProtocol("zero_shot", 0), EvalProtocol("full", 50), EvalProtocol("lora", 50)]
     assert [p.label for p in plan_protocols(["full"], [10, 50])] == ["full@10", "full@50"]
-    assert plan_protocols(["zero_shot"], [50]) == [Protocol("zero_shot", 0)]
+    assert plan_protocols(["zero_shot"], [50]) == [EvalProtocol("zero_shot", 0)]
     with pytest.raises(ValueError, match="no positive step count"):
         plan_protocols(["full"], [0])
     with pytest.raises(ValueError, match="Unknown evaluation mode"):
@@ -196,7 +196,7 @@ def _run_and_record(learner, episode: Episode) -> tuple[list[torch.Tensor], dict
     learner.predict = recording
     selector = LrSelector("support", FineTuneOptions(), [0.0, 1e-3, 1e-2])
     ctx = EvalContext("r", "pre", "vit_test", {})
-    rows = list(evaluate(learner, [episode], ctx, protocols=[Protocol("full", 2), Protocol("lora", 2)],
+    rows = list(evaluate(learner, [episode], ctx, protocols=[EvalProtocol("full", 2), EvalProtocol("lora", 2)],
                          device=torch.device("cpu"), selector=selector, progress=False))
     del learner.predict
     assert len(rows) == 2
@@ -219,7 +219,7 @@ def test_lr_zero_candidate_is_exactly_zero_shot(mode: str) -> None:
     """lr 0 skips its steps; taking them would change nothing (BatchNorm statistics stay frozen)."""
     learner, ep = _learner(), _square_task(5)
     task = (ep.support, ep.query_x, ep.query_y)
-    skipped = score_lrs(learner, [task], protocol=Protocol(mode, 3), options=FineTuneOptions(), grid=[0.0])
+    skipped = score_lrs(learner, [task], protocol=EvalProtocol(mode, 3), options=FineTuneOptions(), grid=[0.0])
     state = learner.adapt(ep.support, mode=mode, steps=3, options=FineTuneOptions().with_lr(0.0))
     logits = learner.predict(state, ep.query_x)
     taken = ((logits.argmax(-1) == ep.query_y).float().mean().item(), F.cross_entropy(logits, ep.query_y).item())
@@ -229,10 +229,10 @@ def test_lr_zero_candidate_is_exactly_zero_shot(mode: str) -> None:
 def test_validation_selection_refuses_test_episodes() -> None:
     selector = LrSelector("valid", FineTuneOptions(), [0.0, 1e-3])
     with pytest.raises(ValueError, match="validation-split episodes only"):
-        selector.fit_on_validation(_learner(), "squares", Protocol("full", 1), [_square_task(0)])
+        selector.fit_on_validation(_learner(), "squares", EvalProtocol("full", 1), [_square_task(0)])
     fixed = LrSelector("support", FineTuneOptions(), [0.0], fixed=1e-4)
     assert fixed.method == "fixed"
-    assert fixed.lr_for(_learner(), "s", _square_task(0).support, Protocol("full", 1)) == 1e-4
+    assert fixed.lr_for(_learner(), "s", _square_task(0).support, EvalProtocol("full", 1)) == 1e-4
 
 
 # --- end to end ------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from episodes.loader import EpisodeSet
 from episodes.readers.base import Source
 from metabench.config import RunConfig
 from metabench.engine import EvalContext, evaluate
+from metabench.finetuning import EvalProtocol
 from metabench.learners.base import Learner
-from metabench.protocols import Protocol
 from metabench.results import RunWriter, ci95
 
 __all__ = ["Validator"]
@@ -78,7 +78,7 @@ class Validator:
             return
         record: dict = {"update": update, "tasks": tasks_seen}
         for key, episodes in self.sets.items():
-            rows = list(evaluate(self.learner, episodes, self.ctx, protocols=[Protocol("zero_shot", 0)],
+            rows = list(evaluate(self.learner, episodes, self.ctx, protocols=[EvalProtocol("zero_shot", 0)],
                                  device=self.device, precision=self.precision, progress=False))
             mean, half, n = ci95(r.accuracy for r in rows)
             record.update({key: mean, f"{key}_ci95": half, f"{key}_episodes": n})
