@@ -40,7 +40,14 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from episodes.loader import EpisodeSet
     from metabench.backbones import create_backbone
     from metabench.config import load_config
-    from metabench.distributed import attach_grad_averaging, broadcast_module, init_from_env, is_main, shutdown
+    from metabench.distributed import (
+        attach_grad_averaging,
+        broadcast_module,
+        init_from_env,
+        is_main,
+        shutdown,
+        world_size,
+    )
     from metabench.engine import meta_train, select_device
     from metabench.learners import create_learner
     from metabench.training import rank_tasks
@@ -48,7 +55,8 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     quiet_logs()
     device = select_device(init_from_env("auto"))
     n = cfg["tasks"] + TASKS_PER_UPDATE
-    run_cfg = load_config(overrides=[f"train.episodes={n}", f"train.tasks_per_update={TASKS_PER_UPDATE}",
+    per_rank = TASKS_PER_UPDATE // world_size()  # the same meta-batch with 1 and 2 ranks
+    run_cfg = load_config(overrides=[f"train.episodes={n}", f"train.tasks_per_update={per_rank}",
                                      f"data.image_size={cfg['image_size']}"],
                           flags={"learner": {"name": LEARNER}, "backbone": {"name": cfg["backbone"]}, "preset": "cpu"})
     torch.manual_seed(0)

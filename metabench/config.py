@@ -74,7 +74,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     episodes: int = 0  # meta-training tasks in total (0: evaluate only)
-    tasks_per_update: int = 1
+    tasks_per_update: int = 1  # tasks per meta-update on each process (torchrun: the meta-batch is N times this)
     log_every: int = 10
     probe_every: int = 0  # meta-gradient alignment probe every this many updates (0: off)
     val_every: int = 0  # zero-shot validation (val_id in train_log.jsonl) every this many updates (0: off)

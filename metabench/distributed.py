@@ -1,7 +1,7 @@
 """Several processes (``torchrun --nproc_per_node=N -m metabench run ...``) on PyTorch's own machinery.
 
-- Meta-training: the tasks of each meta-batch are split between the ranks (``train.tasks_per_update``
-  must be a multiple of the number of ranks), every rank reads only its share of one seeded episode
+- Meta-training: each rank takes ``train.tasks_per_update`` tasks of every meta-batch (N times that in all,
+  ``training.meta_batch``), every rank reads only its share of one seeded episode
   stream, and gradients are averaged across ranks right after each backward pass, before the
   learner clips them or steps any of its optimisers. That is what DistributedDataParallel does for
   one model and one optimiser; learners here own several optimisers and several backward passes per

@@ -34,7 +34,7 @@ from metabench.learners.base import Learner
 from metabench.lr_selection import LrSelector
 from metabench.probes import ProbeRecorder
 from metabench.results import EpisodeRow, FollowerRunWriter, RunWriter, load_run
-from metabench.training import CHECKPOINT, load_learner_state, run_training
+from metabench.training import CHECKPOINT, load_learner_state, meta_batch, run_training
 
 __all__ = ["RunOutcome", "eval_episodes", "eval_saved_run", "execute", "plan_eval", "restore_learner",
            "resume_run", "validation_episodes"]
@@ -248,7 +248,8 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
         recorder.finish()
     if lr_record is not None:
         manifest["lr_selection"] = lr_record
-    manifest.update(status="finished", finished=_now(), learner=learner.describe(), world_size=world_size())
+    manifest.update(status="finished", finished=_now(), learner=learner.describe(), world_size=world_size(),
+                    tasks_per_update=cfg.train.tasks_per_update, meta_batch=meta_batch(cfg))
     writer.write_manifest(manifest)
     return RunOutcome(writer.run_dir, manifest)
 

@@ -31,7 +31,7 @@ from metabench.checkpoint import (
     read_position,
     save_training_checkpoint,
 )
-from metabench.config import ConfigError, RunConfig
+from metabench.config import RunConfig
 from metabench.distributed import attach_grad_averaging, broadcast_module, is_main, rank, world_size
 from metabench.engine import meta_train
 from metabench.learners.base import Learner
@@ -125,12 +125,13 @@ def run_training(cfg: RunConfig, learner: Learner, sources: dict[str, Source], w
         return
     start = position.update if position is not None else 0
     _drop_later_log_lines(writer.run_dir / TRAIN_LOG, start)
-    recorder.alignment = [r for r in recorder.alignment if r["tasks_seen"] <= start * cfg.train.tasks_per_update]
+    batch = meta_batch(cfg)
+    recorder.alignment = [r for r in recorder.alignment if r["tasks_seen"] <= start * batch]
     train_sources = [sources[n] for n in cfg.data.train_sources]
     augment = TrainAugment() if cfg.data.augment else None
     episode_set = EpisodeSet(train_sources, Split.TRAIN, cfg.data.train_sampler, cfg.train.episodes, seed=cfg.seed,
                              image_size=cfg.data.image_size, per_source=False, augment=augment)
-    first_task = start * cfg.train.tasks_per_update
+    first_task = start * batch
     loader = make_loader(Subset(episode_set, rank_tasks(cfg, first_task)),  # type: ignore[arg-type]
                          num_workers=cfg.data.num_workers)
     broadcast_module(learner)
@@ -146,23 +147,25 @@ def run_training(cfg: RunConfig, learner: Learner, sources: dict[str, Source], w
         load_training_checkpoint(ckpt_dir, position, learner, identity(cfg))
         log.info("Resumed meta-training after update %d (%d tasks).", position.update, first_task)
 
-    meta_train(learner, loader, n_tasks=cfg.train.episodes, tasks_per_update=cfg.train.tasks_per_update,
+    meta_train(learner, loader, n_tasks=cfg.train.episodes, tasks_per_update=batch,
                device=device, precision=precision, log_every=cfg.train.log_every, on_log=writer.log_train,
                on_update=_hooks(*hooks), progress=progress,
                start_update=start, restore=restore if position is not None else None)
     if is_main():
         save_learner(learner, writer.run_dir / CHECKPOINT)
-        total = -(-cfg.train.episodes // cfg.train.tasks_per_update)
+        total = -(-cfg.train.episodes // batch)
         mark_training_done(ckpt_dir, update=total, tasks=cfg.train.episodes, identity=identity(cfg))
 
 
+def meta_batch(cfg: RunConfig) -> int:
+    """Tasks per meta-update over all processes: ``train.tasks_per_update`` on each of them, as data-parallel
+    training counts a batch per device (one process: the setting itself)."""
+    return cfg.train.tasks_per_update * world_size()
+
+
 def rank_tasks(cfg: RunConfig, first_task: int) -> list[int] | range:
-    """Training-episode indices of this rank: its contiguous share of every meta-batch."""
-    ranks, per_update = world_size(), cfg.train.tasks_per_update
-    if ranks == 1:
+    """Training-episode indices of this rank: its contiguous share of every meta-batch of one seeded stream."""
+    if world_size() == 1:
         return range(first_task, cfg.train.episodes)
-    if per_update % ranks:
-        raise ConfigError(f"train.tasks_per_update={per_update} cannot be split over {ranks} processes; make it a "
-                          f"multiple of {ranks}.")
-    share = per_update // ranks
+    per_update, share = meta_batch(cfg), cfg.train.tasks_per_update
     return [i for i in range(first_task, cfg.train.episodes) if (i % per_update) // share == rank()]
