@@ -69,7 +69,6 @@ def _print_results(run_dir: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from metabench.config import load_config
-    from metabench.runs import execute
 
     if args.resume is not None:
         if args.overrides or any(v is not None for v in _flags(args).values()) or args.config:
@@ -79,7 +78,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         outcome = resume_run(args.resume, progress=not args.quiet)
     else:
-        cfg = load_config(args.config, args.overrides, _flags(args))
+        cfg = load_config(args.config, args.overrides, _flags(args))  # a config error stops before torch loads
+        from metabench.runs import execute
+
         outcome = execute(cfg, progress=not args.quiet)
     if not _finish_ranks():
         return 0
@@ -106,15 +107,18 @@ def _write_own_report(run_dir: Path) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from metabench.config import load_config
-    from metabench.runs import eval_saved_run, execute
 
     if args.run is not None:
         if args.learner or args.backbone or args.config:
             raise ConfigError("eval --run takes its learner, backbone and config from the run folder; "
                               "change settings with key=value overrides instead.")
+        from metabench.runs import eval_saved_run
+
         outcome = eval_saved_run(args.run, args.overrides, modes=args.mode, steps=args.steps, progress=not args.quiet)
     else:
         cfg = load_config(args.config, [*args.overrides, "train.episodes=0"], _flags(args))
+        from metabench.runs import execute
+
         outcome = execute(cfg, progress=not args.quiet, modes=args.mode, steps=args.steps)
     if not _finish_ranks():
         return 0

@@ -256,6 +256,18 @@ def load_data_config(path: str | Path | None = None,
         raise ConfigError(f"Bad data settings: {str(err).splitlines()[0]}") from None
 
 
+def _check_outside_learner(layers: list[tuple[str, DictConfig]]) -> None:
+    """Validate every key but ``learner.*`` (whose schema is the learner's own config class) against the schema."""
+    schema = OmegaConf.structured(RunConfig())
+    merged = schema
+    for origin, layer in layers:
+        rest = OmegaConf.masked_copy(layer, [k for k in layer if k != "learner"]) if "learner" in layer else layer
+        try:
+            merged = OmegaConf.merge(merged, rest)
+        except OmegaConfBaseException as err:
+            raise _one_line(err, schema, origin) from None
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -275,6 +287,7 @@ def load_config(
         layers.append(("the command-line flags", OmegaConf.create(flags)))
     layers.append(("the key=value overrides", _parse_overrides(overrides or [])))
 
+    _check_outside_learner(layers)  # a typo outside learner.* fails before torch or a learner is imported
     raw = OmegaConf.merge(*(cfg for _, cfg in layers)) if layers else OmegaConf.create()
     preset = OmegaConf.select(raw, "preset", default="auto")
     preset = _auto_preset() if preset == "auto" else preset

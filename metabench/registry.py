@@ -117,6 +117,11 @@ class Registry(Generic[T]):
         self._lazy.pop(name, None)
         return obj
 
+    def lazy_target(self, name: str) -> str | None:
+        """The ``"module:attr"`` a name will import on first ``get``, or None once it is loaded (or not lazy)."""
+        self._scan_entry_points()
+        return self._lazy.get(name)
+
     def unregister(self, name: str) -> None:
         """Remove ``name`` (a test's temporary entry); an unknown name is a ``RegistryError``."""
         if name not in self._objects and name not in self._lazy:

@@ -1,4 +1,4 @@
-"""The CLI's start, help and data-config paths import no torch (they must answer in well under a second)."""
+"""The CLI's start, help, listings and config errors import no torch (they answer in well under a second)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,27 @@ import subprocess
 import sys
 
 PROBE = """
-import sys
-from metabench.cli import build_parser
-from metabench.config import load_data_config
-from episodes.sampler import SamplerConfig
-from episodes.spec import DatasetSpec
+import contextlib, io, sys
+from metabench.cli import build_parser, main
 build_parser().format_help()
-load_data_config(None, ["data.root=/tmp"])
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    for what in ("learners", "backbones", "sources"):
+        assert main(["ls", what]) == 0
+    assert main(["run", "eval.episode=3"]) == 2  # an unknown key: one line, exit 2
 print("torch" in sys.modules)
 """
 
 
-def test_parsing_help_and_data_config_do_not_import_torch() -> None:
+def test_help_listings_and_config_errors_do_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_learners_listed_from_source_equal_the_listing_after_import() -> None:
+    from metabench.catalog import catalog
+    from metabench.learners import LEARNERS
+
+    static = catalog("learners")
+    for name in LEARNERS.names():
+        LEARNERS.get(name)  # imports every learner: the listing now comes from the classes
+    assert catalog("learners") == static
