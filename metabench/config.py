@@ -101,6 +101,9 @@ class EvalConfig:
     (optimizer ... lora_lr_scale, batch_size) are copied into it."""
 
     episodes: int = 40  # per evaluation source
+    # per source when the backbone starts from random init (no weights offline): such a run checks the pipeline, not
+    # the method, so fewer episodes say as much; 0 keeps eval.episodes
+    episodes_random_init: int = 5
     split: str = "test"
     suite: str | None = None  # a frozen episode list (`metabench episodes ls`); None samples episodes from the seed
     modes: list[str] | None = None  # zero_shot | full | lora; None: the learner's default_modes

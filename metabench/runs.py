@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -123,6 +124,17 @@ def eval_episodes(cfg: RunConfig, sources: dict[str, Source]) -> EpisodeSet:
                            max_per_source=cfg.eval.episodes)
 
 
+def _cap_random_init(cfg: RunConfig, backbone: Backbone) -> RunConfig:
+    """``eval.episodes_random_init`` episodes per source when the backbone has no pretrained weights."""
+    cap = cfg.eval.episodes_random_init
+    if backbone.weights.pretrained or cfg.eval.suite is not None or not 0 < cap < cfg.eval.episodes:
+        return cfg
+    log.warning("Backbone %s is not pretrained: evaluating %d episodes per source instead of %d "
+                "(eval.episodes_random_init); the results check the pipeline, not the method.",
+                backbone.spec.alias, cap, cfg.eval.episodes)
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes=cap))
+
+
 def plan_eval(cfg: RunConfig, learner: Learner, modes: list[str] | None = None,
               steps: list[int] | None = None) -> list[EvalProtocol]:
     """The protocols to evaluate: ``modes`` (else eval.modes, else the learner's ``default_modes``) times
@@ -221,6 +233,7 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
     backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights,
                                allow_download=cfg.backbone.allow_download)
     learner = create_learner(cfg.learner.name, backbone, cfg.learner).to(device)
+    cfg = _cap_random_init(cfg, backbone)
     protocols = plan_eval(cfg, learner, modes, steps)
     # Episodes that cannot be drawn are reported before the run folder exists.
     if cfg.train.episodes and learner.meta_trainable:

@@ -29,6 +29,9 @@ def summary_table(frame: pd.DataFrame, manifest: dict[str, Any]) -> Table:
     caption = "accuracy (%) = mean ± 1.96·σ/√n over episodes"
     if not pretrained:
         title += "  [bold red](backbone NOT pretrained: random init)[/]"
+        episodes = manifest.get("config", {}).get("eval", {}).get("episodes")
+        caption += (f"; random-init backbone, {episodes} episodes per source: this run checks the pipeline, "
+                    "not the method (pretrained weights: --weights FILE)")
     table = Table(title=title, caption=caption)
     for col in ("source", "domain", "mode", "steps", "episodes", "accuracy (%)"):
         table.add_column(col, justify="right" if col in ("steps", "episodes", "accuracy (%)") else "left")

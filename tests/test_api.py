@@ -70,3 +70,12 @@ def test_readme_api_example_runs(pmf_run: Path, monkeypatch) -> None:
     scope: dict = {"RUN_DIR": str(pmf_run)}
     exec(compile(block.replace('"runs/my-run"', "RUN_DIR"), "README-api-example", "exec"), scope)
     assert isinstance(scope["rows"], pd.DataFrame) and len(scope["rows"]) > 0
+
+
+def test_a_random_init_backbone_gets_the_smaller_evaluation_budget(tmp_path: Path) -> None:
+    flags = {"learner": {"name": "pre"}, "backbone": {"name": "vit_test"}}
+    base = ["data.image_size=32", "data.eval_sources=[digits]", f"out_dir={tmp_path}", "eval.episodes=8"]
+    capped = execute(load_config(overrides=base, flags=flags), progress=False)
+    assert capped.manifest["config"]["eval"]["episodes"] == 5 and len(load_run(capped.run_dir)[1]) == 5
+    full = execute(load_config(overrides=[*base, "eval.episodes_random_init=0"], flags=flags), progress=False)
+    assert len(load_run(full.run_dir)[1]) == 8
