@@ -119,6 +119,26 @@ def test_omniglot_alphabets_are_superclasses_and_images_are_inverted(tmp_path):
             assert np.array_equal(out[i], 255 - raw.pixels[src.item(1, i)])
 
 
+def test_reencode_jpeg_gives_the_pixels_of_upstreams_records(tmp_path):
+    from io import BytesIO
+
+    from episodes.readers.tfrecord_format import decode_image
+
+    raw = hp.omniglot(tmp_path, {"images_background": {"Latin/character01": 2}})
+    with prepared_source("omniglot", raw.inputs, allow_missing=True, shuffle=False, reencode_jpeg=True) as src:
+        buf = BytesIO()
+        Image.fromarray(255 - raw.pixels[src.item(0, 1)]).save(buf, format="JPEG")  # upstream's record
+        assert np.array_equal(src.read(0, [1])[0], decode_image(buf.getvalue(), 12, "record"))
+    photo = tmp_path / "CUB_200_2011" / "images" / "001.Black_footed_Albatross"
+    photo.mkdir(parents=True)
+    Image.fromarray(hp.noise(3, 40, 50)).save(photo / "a.jpg", quality=90)  # an RGB JPEG: upstream keeps its bytes
+    for reencode in (False, True):
+        with prepared_source("cu_birds", [tmp_path / "CUB_200_2011"], allow_missing=True, image_size=16,
+                             reencode_jpeg=reencode) as src:
+            got = src.read(0, [0])[0]
+            assert np.array_equal(got, decode_image((photo / "a.jpg").read_bytes(), 16, "record"))
+
+
 def test_dtd_skips_the_stray_file_and_follows_the_lists(tmp_path):
     classes = {"banded": 2, "waffled": 3, "gauzy": 1, "chequered": 2, "braided": 1}
     raw = hp.dtd(tmp_path, classes)
@@ -311,8 +331,10 @@ def test_finished_output_is_kept_and_other_settings_are_refused(tmp_path):
     again = prepare("traffic_sign", raw.inputs, tmp_path / "out", image_size=6, progress=False)
     assert again.skipped and again.path.stat().st_mtime_ns == stamp and again.images == first.images
     assert "already prepared" in again.describe() and Path(again) == first.path
-    with pytest.raises(PrepareError, match=r"already holds traffic_sign at 6 px .*overwrite=True\.$"):
+    with pytest.raises(PrepareError, match=r"already holds traffic_sign at 6 px \(uint8, lossless\), not what "):
         prepare("traffic_sign", raw.inputs, tmp_path / "out", image_size=8, progress=False)
+    with pytest.raises(PrepareError, match=r"delete it or pass overwrite=True\.$"):
+        prepare("traffic_sign", raw.inputs, tmp_path / "out", reencode_jpeg=True, progress=False)
 
 
 def test_summary_describes_classes_and_images_per_split(tmp_path):

@@ -103,6 +103,7 @@ def prepared_source(
     image_size: int | None = None,
     allow_missing: bool = False,
     shuffle: bool = True,
+    reencode_jpeg: bool = False,
     work_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> PreparedSource:
@@ -121,7 +122,7 @@ def prepared_source(
         tree = InputTree(inputs, work_dir=work, expand_tars=source_name == "ilsvrc_2012", progress=progress)
         plan = build(tree, allow_missing=allow_missing)  # type: ignore[operator]
         size = int(image_size or plan.native or DEFAULT_IMAGE_SIZE)
-        return PreparedSource(source_name, plan, tree, image_size=size, shuffle=shuffle)
+        return PreparedSource(source_name, plan, tree, image_size=size, shuffle=shuffle, reencode_jpeg=reencode_jpeg)
     except BaseException:
         if tree is not None:
             tree.close()
@@ -130,7 +131,7 @@ def prepared_source(
         raise
 
 
-def _kept(target: Path, source_name: str, image_size: int | None, store: str) -> PrepareSummary:
+def _kept(target: Path, source_name: str, image_size: int | None, store: str, pixels: str) -> PrepareSummary:
     """The summary of a finished ``target`` made with these settings; an error when it was made otherwise."""
     from episodes.readers.hdf5 import PackedHDF5, PackedHDF5Error
     from episodes.spec import SpecError
@@ -141,11 +142,13 @@ def _kept(target: Path, source_name: str, image_size: int | None, store: str) ->
         raise PrepareError(f"{target} exists but is not a readable packed source ({e}); delete it or pass "
                            "overwrite=True.") from None
     size = packed.native_size[0]
-    same = packed.stored_name == source_name and packed.store == store and image_size in (None, size)
+    made = (packed.spec.extra.get("prepared") or {}).get("pixels", "converted records")
+    same = (packed.stored_name == source_name and packed.store == store and image_size in (None, size)
+            and made == pixels)
     packed.close()
     if not same:
-        raise PrepareError(f"{target} already holds {packed.stored_name} at {size} px ({packed.store}), not what "
-                           "was asked; delete it or pass overwrite=True.")
+        raise PrepareError(f"{target} already holds {packed.stored_name} at {size} px ({packed.store}, {made}), "
+                           "not what was asked; delete it or pass overwrite=True.")
     return PrepareSummary.of(packed.spec, target, size, store, skipped=True)
 
 
@@ -159,6 +162,7 @@ def prepare(
     progress: bool = True,
     allow_missing: bool = False,
     overwrite: bool = False,
+    reencode_jpeg: bool = False,
 ) -> PrepareSummary:
     """Write Meta-Dataset source ``source_name`` from its raw downloads ``inputs`` to ``<out>/<source_name>.h5``.
 
@@ -173,6 +177,9 @@ def prepare(
             differs from upstream's); by default that is an error naming the first missing class.
         overwrite: rebuild ``<out>/<source_name>.h5`` even when a finished one with these settings exists (by
             default it is kept, so an interrupted batch of sources resumes where it stopped).
+        reencode_jpeg: give the images upstream re-encodes (PNG, PPM, crops, inverted, QuickDraw) the same JPEG
+            round trip (PIL's quality 75), so pixels match a cache converted from upstream's TFRecords; by default
+            they are stored lossless.
 
     Raises:
         PrepareError: (a ValueError) an unknown source, wrong or incomplete inputs, a file that cannot be decoded;
@@ -187,12 +194,12 @@ def prepare(
         raise PrepareError(f"{folder} is a file; pass the folder to write {source_name}.h5 into.")
     target = folder / f"{source_name}.h5"
     if target.exists() and not overwrite:
-        return _kept(target, source_name, image_size, store)
+        return _kept(target, source_name, image_size, store, "upstream_jpeg" if reencode_jpeg else "lossless")
     created = not folder.exists()
     work = folder / f".{source_name}.prepare-{os.getpid()}"
     try:
         with prepared_source(source_name, inputs, image_size=image_size, allow_missing=allow_missing,
-                             work_dir=work, progress=progress) as source:
+                             reencode_jpeg=reencode_jpeg, work_dir=work, progress=progress) as source:
             for note in source.plan.notes:
                 log.warning("%s: %s", source_name, note)
             convert_source(source, target, image_size=source.image_size, store=store, progress=progress)

@@ -28,9 +28,11 @@ from episodes.readers.tfrecord import MD_SOURCES, SHUFFLE_SEED
 from episodes.spec import DatasetSpec
 from episodes.split import Split
 
-__all__ = ["Loader", "Plan", "PreparedClass", "PreparedSource", "md_record_order", "open_image", "upstream_pixels"]
+__all__ = ["ORIGINAL_JPEG", "Loader", "Plan", "PreparedClass", "PreparedSource", "as_upstream_record", "build_spec",
+           "md_record_order", "open_image", "upstream_pixels"]
 
 Loader = Callable[[Any, int], "Image.Image | np.ndarray"]  # (item, target side) -> image (PIL, or uint8 H x W)
+ORIGINAL_JPEG = "metabench.original_jpeg"  # PIL info key: upstream stored the file's own JPEG bytes
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,12 @@ def md_record_order(source: str, class_id: int, n: int) -> np.ndarray:
 
 
 def open_image(data: bytes, what: str, draft: int | None = None) -> Image.Image:
-    """Decode ``data`` (``what`` names it in errors); ``draft`` lets a JPEG decode at a reduced scale >= that side."""
+    """Decode ``data`` (``what`` names it in errors); with ``draft``, an RGB JPEG decodes at a reduced scale of at
+    least that side, as the TFRecord reader decodes the bytes upstream stored unchanged."""
     try:
         img = Image.open(io.BytesIO(data))
-        if draft is not None and img.format == "JPEG":
-            img.draft("RGB", (draft, draft))  # as the TFRecord reader decodes upstream's (unchanged) JPEG bytes
+        if draft is not None and img.format == "JPEG" and img.mode == "RGB":
+            img.draft("RGB", (draft, draft))
         img.load()
         return img
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -81,14 +84,31 @@ def open_image(data: bytes, what: str, draft: int | None = None) -> Image.Image:
 
 
 def upstream_pixels(img: Image.Image, *, box: Sequence[int] | None = None, invert: bool = False) -> Image.Image:
-    """Upstream's pixel rules, in its order: to RGB, crop to ``box`` (left, top, right, bottom), invert."""
+    """Upstream's pixel rules, in its order: to RGB, crop to ``box`` (left, top, right, bottom), invert.
+
+    The result records whether upstream kept the file's bytes as they were (an RGB JPEG it neither cropped nor
+    inverted) or wrote a new JPEG of these pixels (see ``PreparedSource(reencode_jpeg=True)``).
+    """
+    unchanged = img.format == "JPEG" and img.mode == "RGB" and box is None and not invert
     if img.mode != "RGB":
         img = img.convert("RGB")
     if box is not None:
         img = img.crop(tuple(int(v) for v in box))
     if invert:
         img = ImageOps.invert(img)
+    img.info[ORIGINAL_JPEG] = unchanged
     return img
+
+
+def as_upstream_record(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """``image`` as the TFRecord reader returns it from upstream's record: saved as JPEG with PIL's defaults
+    (quality 75), as ``dataset_to_records.py`` saves every image it changed, then decoded and resized."""
+    from episodes.readers.tfrecord_format import decode_image
+
+    img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG")
+    return decode_image(buf.getvalue(), size, "a re-encoded image")
 
 
 def _resized(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
@@ -145,9 +165,13 @@ class PreparedSource(Source):
         tree: the inputs the loader reads; closed by ``close``.
         image_size: the side every image is resized to.
         shuffle: apply the TFRecord reader's within-class order (default); False keeps upstream's record order.
+        reencode_jpeg: pass every image upstream re-encoded (PNGs, crops, inverted, greyscale, QuickDraw rows)
+            through the same JPEG round trip (PIL's quality 75), so pixels match a cache converted from upstream's
+            TFRecords instead of being lossless.
     """
 
-    def __init__(self, name: str, plan: Plan, tree: InputTree, *, image_size: int, shuffle: bool = True) -> None:
+    def __init__(self, name: str, plan: Plan, tree: InputTree, *, image_size: int, shuffle: bool = True,
+                 reencode_jpeg: bool = False) -> None:
         if image_size < 1:
             raise ValueError(f'Source "{name}": image_size={image_size} must be a positive integer.')
         self.name = name
@@ -155,7 +179,9 @@ class PreparedSource(Source):
         self.plan, self.tree = plan, tree
         self.image_size = int(image_size)
         self.shuffle = shuffle
-        self.spec = build_spec(name, plan.classes, plan.extra)
+        self.reencode_jpeg = reencode_jpeg
+        pixels = "upstream_jpeg" if reencode_jpeg else "lossless"  # told apart when a finished file is kept
+        self.spec = build_spec(name, plan.classes, {**plan.extra, "prepared": {"from": "raw", "pixels": pixels}})
         self._orders: dict[int, np.ndarray] = {}
 
     @property
@@ -182,7 +208,11 @@ class PreparedSource(Source):
         items = self.plan.classes[class_id].items
         out = np.empty((len(idx), self.image_size, self.image_size, 3), dtype=np.uint8)
         for k, r in enumerate(records.tolist()):
-            out[k] = _resized(self.plan.load(items[r], self.image_size), self.image_size)
+            image = self.plan.load(items[r], self.image_size)
+            if self.reencode_jpeg and not (isinstance(image, Image.Image) and image.info.get(ORIGINAL_JPEG)):
+                out[k] = as_upstream_record(image, self.image_size)
+            else:
+                out[k] = _resized(image, self.image_size)
         return out
 
     def close(self) -> None:
