@@ -347,6 +347,7 @@ def test_summary_describes_classes_and_images_per_split(tmp_path):
     assert [line.split() for line in text.splitlines()[2:6]] == [
         ["train", "0", "0"], ["valid", "0", "0"], ["test", "2", "5"], ["total", "2", "5"]]
     assert "41 classes Meta-Dataset lists were not in the inputs" in text
+    assert json.loads(json.dumps(summary.to_dict()))["images"] == {"train": 0, "valid": 0, "test": 5}
 
 
 # -- errors ---------------------------------------------------------------------------------------------------

@@ -70,6 +70,12 @@ class PrepareSummary(os.PathLike):
         images = {s.value: sum(spec.images_per_class[c] for c in spec.class_ids(s)) for s in _SPLITS}
         return cls(spec.name, path, image_size, store, classes, images, **kw)  # type: ignore[arg-type]
 
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (``path`` as a string), for a ``--json`` output."""
+        return {"source": self.source, "path": str(self.path), "image_size": self.image_size, "store": self.store,
+                "classes": dict(self.classes), "images": dict(self.images), "missing": list(self.missing),
+                "skipped": self.skipped, "notes": list(self.notes)}
+
     def describe(self) -> str:
         """A few lines for the console: where, what size, classes and images per split."""
         head = f"{self.source} -> {self.path} ({self.image_size} px, {self.store})"
