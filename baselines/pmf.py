@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from episodes.episode import Episode
 from metabench.learners import LEARNERS
-from metabench.learners.base import Learner, LearnerConfig
+from metabench.learners.base import LearnerConfig, PrototypeLearner
 from metabench.nn.heads import CosineHead, class_prototypes, embed
 from metabench.schedules import warmup_cosine
 
@@ -46,7 +46,7 @@ def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -
 
 
 @LEARNERS.register("pmf")
-class PMF(Learner):
+class PMF(PrototypeLearner):
     """Whole-backbone ProtoNet meta-tuning with a learnable cosine head."""
 
     Config = PMFConfig

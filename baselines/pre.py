@@ -1,7 +1,7 @@
 """``pre``: the frozen pretrained backbone with a cosine prototype head (the SMAT paper's "Pre").
 
 No meta-training: it is the reference every meta-tuned learner must beat, and it makes a run
-meaningful with nothing but a backbone. All of its behaviour is the ``Learner`` default.
+meaningful with nothing but a backbone. All of its behaviour is the ``PrototypeLearner`` default.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from metabench.learners import LEARNERS
-from metabench.learners.base import Learner, LearnerConfig
+from metabench.learners.base import LearnerConfig, PrototypeLearner
 from metabench.nn.heads import cosine_logits
 
 __all__ = ["Pre", "PreConfig"]
@@ -24,7 +24,7 @@ class PreConfig(LearnerConfig):
 
 
 @LEARNERS.register("pre")
-class Pre(Learner):
+class Pre(PrototypeLearner):
     """Frozen pretrained backbone; prototypes of its features, logits ``scale * cos(query, prototype)``."""
 
     Config = PreConfig

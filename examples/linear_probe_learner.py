@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from episodes.episode import Episode, Support
 from metabench.learners import LEARNERS
-from metabench.learners.base import Learner, LearnerConfig
+from metabench.learners.base import LearnerConfig, PrototypeLearner
 from metabench.nn.heads import class_prototypes, embed
 
 
@@ -47,7 +47,7 @@ class _Projected(nn.Module):
 
 
 @LEARNERS.register("protolinear")
-class ProtoLinear(Learner):
+class ProtoLinear(PrototypeLearner):
     """Frozen backbone + meta-trained linear map; Euclidean prototypes (an example plug-in)."""
 
     Config = ProtoLinearConfig

@@ -302,7 +302,7 @@ def load_config(
     from metabench.learners import LEARNERS, learner_config_class  # here: keeps config import light
 
     # A learner may tune its own options per preset (e.g. SMAT's CPU budget); user layers still win.
-    learner_preset = getattr(LEARNERS.get(learner_name), "presets", {}).get(preset, {})
+    learner_preset = LEARNERS.get(learner_name).presets.get(preset, {})
     layers.insert(0, (f'preset "{preset}"', OmegaConf.create({**PRESETS[preset], "learner": dict(learner_preset)})))
 
     schema = OmegaConf.structured(RunConfig(learner=learner_config_class(learner_name)(name=learner_name)))

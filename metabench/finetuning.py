@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from episodes.episode import Support
 from metabench.config import EVAL_MODES, LORA_TARGET, OPTIMIZERS, EvalConfig
+from metabench.nn.batchnorm import freeze_batchnorm_stats
 from metabench.nn.diff_augment import diff_augment
 from metabench.nn.heads import class_prototypes, embed
 
@@ -201,9 +202,7 @@ def _optimizer(params: list[nn.Parameter], options: FineTuneOptions, lr: float) 
 def _train_mode(model: nn.Module) -> None:
     """Train mode (LoRA dropout on) but frozen batch-norm statistics: a support set is too small a batch."""
     model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    freeze_batchnorm_stats(model)
 
 
 def as_float_images(x: Tensor) -> Tensor:

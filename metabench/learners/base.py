@@ -1,4 +1,4 @@
-"""The ``Learner`` interface: subclass it to plug a few-shot method into metabench.
+"""The ``Learner`` interface, and ``PrototypeLearner``, the prototype-based default most methods build on.
 
 The learner owns its parameters and its update rule (it may run several optimisers, as SMAT
 does); the engine owns loops, devices, seeds and I/O and never calls ``backward`` itself.
@@ -7,7 +7,7 @@ does); the engine owns loops, devices, seeds and I/O and never calls ``backward`
 from __future__ import annotations
 
 import math
-from abc import ABC
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -17,13 +17,14 @@ from torch import Tensor, nn
 
 from episodes.episode import Episode, Support
 from metabench.config import LearnerConfig
+from metabench.nn.batchnorm import freeze_batchnorm_stats
 from metabench.nn.heads import class_prototypes, cosine_logits, embed
 
 if TYPE_CHECKING:
     from metabench.backbones import Backbone
     from metabench.finetuning import FineTuneOptions
 
-__all__ = ["Learner", "LearnerConfig", "NotMetaTrainable", "TaskState", "ProtoState"]
+__all__ = ["Learner", "LearnerConfig", "NotMetaTrainable", "ProtoState", "PrototypeLearner", "TaskState"]
 
 
 class NotMetaTrainable(RuntimeError):
@@ -47,19 +48,20 @@ class ProtoState(TaskState):
 
 
 class Learner(nn.Module, ABC):
-    """A few-shot learner on a backbone.
+    """A few-shot learner on a backbone: the interface the engine calls.
 
-    Subclasses set ``Config`` (a dataclass subclass of ``LearnerConfig`` holding their options,
-    configurable as ``learner.<key>=value``). The defaults make a prototype learner: ``task_model``
-    gives the feature extractor for a task (the backbone unless overridden), ``adapt`` builds class
-    prototypes with it (after fine-tuning it on the support set when ``mode`` asks for it), and
-    ``predict`` scores queries with ``logits``. A learner with a meta-training phase implements
-    ``meta_train_step``; any method may be overridden.
+    ``adapt`` fits one task from its support set (never changing the learner) and ``predict`` scores queries
+    with the state it returns; both are required. A learner with a meta-training phase implements
+    ``meta_train_step``; ``describe`` feeds the manifest. Subclasses set ``Config`` (a dataclass subclass of
+    ``LearnerConfig``, configurable as ``learner.<key>=value``) and may declare capabilities: ``default_modes``
+    and ``presets``. Most methods subclass ``PrototypeLearner`` instead, which implements adapt and predict.
     """
 
     Config: ClassVar[type[LearnerConfig]] = LearnerConfig
     #: Evaluation protocols run when the user leaves ``eval.modes`` unset (e.g. ``finetune``: "full").
     default_modes: ClassVar[tuple[str, ...]] = ("zero_shot",)
+    #: ``learner.*`` settings per run preset (merged under the user's own), e.g. SMAT's CPU budget.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, backbone: Backbone, cfg: LearnerConfig) -> None:
         super().__init__()
@@ -75,9 +77,7 @@ class Learner(nn.Module, ABC):
         """Train mode, except BatchNorm layers when ``cfg.freeze_batchnorm`` (their statistics stay pretrained)."""
         super().train(mode)
         if mode and getattr(self.cfg, "freeze_batchnorm", False):
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            freeze_batchnorm_stats(self)
         return self
 
     def setup_training(self, total_updates: int) -> None:
@@ -117,6 +117,34 @@ class Learner(nn.Module, ABC):
         """
         raise NotMetaTrainable(f'Learner "{self.cfg.name}" has no meta-training phase; set train.episodes=0.')
 
+    @abstractmethod
+    def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0,
+              options: FineTuneOptions | None = None) -> TaskState:
+        """Fit one task from its support set without mutating the learner; ``steps=0`` is zero-shot.
+
+        ``mode`` names an evaluation protocol ("zero_shot", or a fine-tuning protocol of
+        ``metabench.finetuning``), which receives ``options``.
+        """
+
+    @abstractmethod
+    def predict(self, state: TaskState, query_x: Tensor) -> Tensor:
+        """Logits ``[n_query, way]`` for the query images under an adapted state."""
+
+    def describe(self) -> dict[str, int | float | str]:
+        """Scalars recorded in the run manifest (parameter counts, sparsity, number of experts, ...)."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"learner": self.cfg.name, "parameters": total, "trainable_parameters": trainable}
+
+
+class PrototypeLearner(Learner):
+    """A learner that classifies by class prototypes in the feature space of a per-task model.
+
+    ``task_model`` gives the feature extractor for a task (the backbone unless overridden), ``adapt`` builds
+    class prototypes with it (after fine-tuning it on the support set when ``mode`` asks for it, under the
+    ``full`` or ``lora`` protocol), and ``predict`` scores queries with ``logits``.
+    """
+
     def task_model(self, support: Support) -> nn.Module:
         """The feature extractor specialised to this task, before any fine-tuning (must not modify self)."""
         return self.backbone
@@ -127,11 +155,7 @@ class Learner(nn.Module, ABC):
 
     def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0,
               options: FineTuneOptions | None = None) -> TaskState:
-        """Fit one task from its support set without mutating the learner; ``steps=0`` is zero-shot.
-
-        ``mode`` names an evaluation protocol ("zero_shot", or a fine-tuning protocol of
-        ``metabench.finetuning``), which receives ``options``.
-        """
+        """Prototypes of the (fine-tuned, when ``mode`` asks for it) task model's support features."""
         model = self.task_model(support)
         if mode != "zero_shot" and steps > 0:
             from metabench.finetuning import fine_tune
@@ -142,15 +166,9 @@ class Learner(nn.Module, ABC):
         return ProtoState(way=support.way, prototypes=class_prototypes(feats, support.y, support.way), model=model)
 
     def predict(self, state: TaskState, query_x: Tensor) -> Tensor:
-        """Logits ``[n_query, way]`` for the query images under an adapted state."""
+        """``logits`` of the query features against the state's prototypes."""
         if not isinstance(state, ProtoState):
             raise TypeError(f"{type(self).__name__}.predict got a {type(state).__name__}; override predict for it.")
         model = state.model if state.model is not None else self.backbone
         with torch.no_grad():
             return self.logits(embed(model, query_x), state.prototypes)
-
-    def describe(self) -> dict[str, int | float | str]:
-        """Scalars recorded in the run manifest (parameter counts, sparsity, number of experts, ...)."""
-        total = sum(p.numel() for p in self.parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"learner": self.cfg.name, "parameters": total, "trainable_parameters": trainable}

@@ -49,7 +49,7 @@ from torch.func import functional_call
 from episodes.episode import Episode, Support
 from metabench.distributed import average_tensor, world_size
 from metabench.learners import LEARNERS
-from metabench.learners.base import Learner, ProtoState, TaskState
+from metabench.learners.base import ProtoState, PrototypeLearner, TaskState
 from metabench.learners.smat_config import SMATConfig
 from metabench.learners.smat_losses import LagrangianSparsity, distillation, make_schedulers
 from metabench.learners.smat_probes import SMATProbes
@@ -80,7 +80,7 @@ class _TaskOutcome:
 
 
 @LEARNERS.register("smat")
-class SMAT(SMATProbes, Learner):
+class SMAT(SMATProbes, PrototypeLearner):
     """Sparse MetA-Tuning (ICML 2024): sparse interpolated experts mixed per task by a support-set router; the
     paper preset trains it with the upstream code's recipe."""
 
