@@ -18,9 +18,9 @@ from PIL import Image
 
 from episodes.hierarchy import class_dag
 from episodes.prepare import InputNotFound, PrepareError, prepare, prepared_source
+from episodes.prepare.md_splits import SPLIT_ORDER, md_split, split_lists, stored_splits
 from episodes.prepare.mscoco import crop_box
 from episodes.prepare.source import md_record_order
-from episodes.prepare.splits import SPLIT_ORDER, md_split, split_lists, stored_splits
 from episodes.readers.hdf5 import PackedHDF5
 from episodes.readers.tfrecord import open_md_source
 from episodes.split import Split

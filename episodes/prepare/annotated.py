@@ -16,8 +16,8 @@ from typing import Any
 
 from episodes.prepare.folders import plain_loader
 from episodes.prepare.inputs import InputNotFound, InputTree, PrepareError
+from episodes.prepare.md_splits import SPLIT_ORDER, select, split_lists
 from episodes.prepare.source import Plan, PreparedClass, open_image, upstream_pixels
-from episodes.prepare.splits import SPLIT_ORDER, select, split_lists
 
 __all__ = ["aircraft", "fungi", "vgg_flower"]
 

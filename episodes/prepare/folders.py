@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from episodes.prepare.inputs import InputNotFound, InputTree
+from episodes.prepare.md_splits import SPLIT_ORDER, select, split_lists, stored_splits
 from episodes.prepare.source import Plan, PreparedClass, open_image, upstream_pixels
-from episodes.prepare.splits import SPLIT_ORDER, select, split_lists, stored_splits
 
 __all__ = ["omniglot", "plain_loader", "traffic_sign", "cu_birds", "dtd"]
 

@@ -19,8 +19,8 @@ from typing import Any
 from episodes.hierarchy import export_subgraph, spec_from_md_hierarchical
 from episodes.prepare.folders import plain_loader
 from episodes.prepare.inputs import InputNotFound, InputTree, PrepareError
+from episodes.prepare.md_splits import SPLIT_ORDER, select
 from episodes.prepare.source import Plan, PreparedClass
-from episodes.prepare.splits import SPLIT_ORDER, select
 from episodes.spec import SpecError
 from episodes.split import Split
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from episodes.prepare.inputs import InputNotFound, InputTree, PrepareError
+from episodes.prepare.md_splits import SPLIT_ORDER, select, split_lists
 from episodes.prepare.source import Plan, PreparedClass, open_image, upstream_pixels
-from episodes.prepare.splits import SPLIT_ORDER, select, split_lists
 
 __all__ = ["BOX_SCALE", "crop_box", "mscoco"]
 

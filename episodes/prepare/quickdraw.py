@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from episodes.prepare.inputs import InputNotFound, InputTree, PrepareError
+from episodes.prepare.md_splits import SPLIT_ORDER, select, split_lists
 from episodes.prepare.source import Plan, PreparedClass
-from episodes.prepare.splits import SPLIT_ORDER, select, split_lists
 
 __all__ = ["quickdraw"]
 

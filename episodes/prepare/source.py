@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from episodes.prepare.inputs import InputTree, PrepareError
-from episodes.prepare.splits import SPLIT_ORDER
+from episodes.prepare.md_splits import SPLIT_ORDER
 from episodes.readers.base import Source
 from episodes.readers.tfrecord import MD_SOURCES, SHUFFLE_SEED
 from episodes.spec import DatasetSpec
