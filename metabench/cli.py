@@ -197,6 +197,23 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from episodes.prepare import prepare
+    from metabench.config import load_data_config
+
+    if not args.inputs:
+        raise ConfigError(f"data prepare {args.source} needs --from PATH... (the downloaded archives or folders).")
+    data, _ = load_data_config(args.config, args.overrides)
+    out = args.out or args.root or data.root
+    if out is None:
+        raise ConfigError("data prepare needs --out DIR (or data.root=DIR): the folder that receives <source>.h5.")
+    summary = prepare(args.source, args.inputs, out, image_size=args.image_size, store=args.store,
+                      progress=not args.quiet, allow_missing=args.allow_missing, overwrite=args.overwrite,
+                      reencode_jpeg=args.reencode_jpeg)
+    print(summary.describe())
+    return 0
+
+
 def _import_episodes(args: argparse.Namespace) -> int:
     from episodes.configured import build_sources
     from episodes.suite_import import import_suite, read_episode_file, referenced_sources
@@ -216,6 +233,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from episodes.convert import convert_configured, convert_named
     from metabench.config import load_data_config
 
+    if args.action == "prepare":
+        return _prepare(args)
     data, _ = load_data_config(args.config, [*args.overrides, *([f"data.root={args.root}"] if args.root else [])])
     if args.source in data.sources:
         path = convert_configured(args.source, data.sources[args.source], data.root, args.out,
@@ -256,10 +275,12 @@ def _episodes_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _data_parser(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="convert a source into the packed HDF5 cache",
-                          description="Decode a source once into one HDF5 file (uint8 images or encoded bytes, "
-                          "per-class offsets, the spec); Meta-Dataset sources then read <root>/<name>.h5.")
-    data.add_argument("action", choices=["convert"], help="what to do")
+    data = sub.add_parser("data", help="prepare Meta-Dataset from its downloads, or convert a source to HDF5",
+                          description="prepare: a Meta-Dataset source's raw downloads (archives or folders) to "
+                          "<out>/<name>.h5 with Meta-Dataset's class splits and conversion rules, no TensorFlow. "
+                          "convert: decode any source once into one HDF5 file (uint8 images or encoded bytes, "
+                          "per-class offsets, the spec). Meta-Dataset sources then read <root>/<name>.h5.")
+    data.add_argument("action", choices=["prepare", "convert"], help="what to do")
     data.add_argument("source", help="source name (see `metabench ls sources`)")
     data.add_argument("--root", help="data root holding the source (for file-based sources)")
     data.add_argument("--out", help="output file or folder (default: <root>/<source>.h5)")
@@ -267,6 +288,13 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--store", choices=["uint8", "encoded"], default="uint8",
                       help="decoded uint8 arrays (fastest) or the encoded bytes (smallest)")
     data.add_argument("--quiet", action="store_true", help="no progress bar")
+    data.add_argument("--from", dest="inputs", nargs="+", type=Path, metavar="PATH",
+                      help="prepare: the downloaded archives (.zip, .tar, .tar.gz), unpacked folders or files")
+    data.add_argument("--allow-missing", action="store_true",
+                      help="prepare: write the classes present when the inputs lack some (default: an error)")
+    data.add_argument("--overwrite", action="store_true", help="prepare: replace an existing file made otherwise")
+    data.add_argument("--reencode-jpeg", action="store_true",
+                      help="prepare: re-encode images as upstream's TFRecords do, so pixels match a TFRecord cache")
     _source_config_args(data)
     _plugin_arg(data)
     data.set_defaults(func=cmd_data)

@@ -427,3 +427,18 @@ def test_out_must_be_a_folder(tmp_path):
     with pytest.raises(PrepareError) as e:
         prepare("dtd", [tmp_path], tmp_path / "file")
     assert "is a file" in one_sentence(e)
+
+
+def test_cli_prepares_a_source_the_named_source_then_reads(tmp_path, capsys):
+    from episodes.readers import SOURCES
+    from metabench.cli import main
+
+    raw = hp.dtd(tmp_path, {"banded": 2, "waffled": 3, "chequered": 2})
+    out = tmp_path / "md"
+    assert main(["data", "prepare", "dtd", "--from", *map(str, raw.inputs), "--out", str(out), "--image-size", "10",
+                 "--allow-missing", "--quiet"]) == 0
+    assert "dtd" in capsys.readouterr().out
+    source = SOURCES.get("dtd")(root=str(out))
+    assert isinstance(source, PackedHDF5) and source.spec.num_classes == 3
+    assert main(["data", "prepare", "dtd", "--out", str(out)]) == 2  # no --from: one line, exit 2
+    assert "needs --from PATH" in capsys.readouterr().err

@@ -13,7 +13,6 @@ the same episodes as one converted from upstream's records.
 from __future__ import annotations
 
 import io
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from episodes.prepare.inputs import InputTree, PrepareError
 from episodes.prepare.md_splits import SPLIT_ORDER
 from episodes.readers.base import Source
-from episodes.readers.tfrecord import MD_SOURCES, SHUFFLE_SEED
+from episodes.readers.tfrecord import MD_SOURCES
+from episodes.readers.tfrecord import record_order as md_record_order
 from episodes.spec import DatasetSpec
 from episodes.split import Split
 
@@ -61,11 +61,6 @@ class Plan:
     missing: list[Any] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def md_record_order(source: str, class_id: int, n: int) -> np.ndarray:
-    """The within-class order ``MetaDatasetTFRecords(shuffle=True)`` gives records of ``class_id`` of ``source``."""
-    return np.random.default_rng([SHUFFLE_SEED, zlib.crc32(source.encode()), class_id]).permutation(n)
 
 
 def open_image(data: bytes, what: str, draft: int | None = None) -> Image.Image:

@@ -49,6 +49,7 @@ __all__ = [
     "md_tfrecords",
     "open_md_source",
     "read_md_spec",
+    "record_order",
     "scan_records",
 ]
 
@@ -64,6 +65,12 @@ MD_SOURCES: dict[str, str] = {
 # while upsampling from 84 would lose detail that ViT backbones use.
 DEFAULT_IMAGE_SIZE = 128
 SHUFFLE_SEED = 20_240_611  # fixes the within-class order (MD issue #54: Traffic Signs was unshuffled)
+
+
+def record_order(source: str, class_id: int, n: int) -> np.ndarray:
+    """The fixed within-class order of a Meta-Dataset source's records (``shuffle=True``): a seeded permutation
+    keyed by source name and class, so a cache prepared from the raw downloads yields the same episodes."""
+    return np.random.default_rng([SHUFFLE_SEED, zlib.crc32(source.encode()), class_id]).permutation(n)
 
 
 class MetaDatasetTFRecords(Source):
@@ -138,9 +145,7 @@ class MetaDatasetTFRecords(Source):
         self._recno = gather - np.repeat(starts[:-1], counts)
 
     def _permutation(self, class_id: int, n: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(n, dtype=np.int64)
-        return np.random.default_rng([SHUFFLE_SEED, zlib.crc32(self.spec.name.encode()), class_id]).permutation(n)
+        return record_order(self.spec.name, class_id, n) if self.shuffle else np.arange(n, dtype=np.int64)
 
     def record_numbers(self, class_id: int) -> np.ndarray:
         """Position in the class file of each image index (the fixed within-class order)."""

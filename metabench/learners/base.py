@@ -156,7 +156,12 @@ class PrototypeLearner(Learner):
     def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0,
               options: FineTuneOptions | None = None) -> TaskState:
         """Prototypes of the (fine-tuned, when ``mode`` asks for it) task model's support features."""
-        model = self.task_model(support)
+        return self.prototype_state(self.task_model(support), support, mode=mode, steps=steps, options=options)
+
+    def prototype_state(self, model: nn.Module, support: Support, *, mode: str = "zero_shot", steps: int = 0,
+                        options: FineTuneOptions | None = None) -> ProtoState:
+        """Fine-tune ``model`` on the support set when ``mode`` asks for it, then build class prototypes with it
+        (for subclasses whose ``adapt`` builds the task model itself and returns more state)."""
         if mode != "zero_shot" and steps > 0:
             from metabench.finetuning import fine_tune
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -125,7 +124,7 @@ class SMAT(SMATProbes, PrototypeLearner):
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
         self._lambda_factor: Any = lambda update: 1.0  # the multipliers' rate factor per update (schedule)
         self._scaler: Any = None
-        self._eval_gates: tuple[tuple[tuple[int, int], ...], dict[str, Tensor] | None] | None = None  # (key, gates)
+        self._eval_gates: dict[str, Tensor] | None = None  # shared by evaluation tasks until the logits change
 
     @property
     def learns_masks(self) -> bool:
@@ -298,7 +297,7 @@ class SMAT(SMATProbes, PrototypeLearner):
 
     def meta_train_step(self, episodes: Sequence[Episode]) -> dict[str, float]:
         self._maybe_scaler()
-        self._eval_gates = None  # stale after this update; do not hold M x |theta| gates through training
+        self.invalidate_caches()  # stale after this update; do not hold M x |theta| gates through training
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         with torch.profiler.record_function("smat.masks"):
@@ -350,15 +349,26 @@ class SMAT(SMATProbes, PrototypeLearner):
             return self.router.alpha(prototypes, self.temperature(), sample=False)[0].float()
 
     def _evaluation_gates(self) -> dict[str, Tensor] | None:
-        """The gates every evaluation task shares, recomputed only after a mask logit changed (an optimiser
-        step, a clamp or a checkpoint load bumps the tensor's version; a device move changes its storage).
-        For elementwise masks on a ViT-S, recomputing them cost half a forward pass of a 75-image episode."""
+        """The gates every evaluation task shares, computed once until the mask logits change (for elementwise
+        masks on a ViT-S, recomputing them cost half a forward pass of a 75-image episode)."""
         if not self.learns_masks:
             return self.experts.gates()  # fixed masks are stored; dense experts have none
-        key = tuple((p.data_ptr(), p._version) for p in self.experts.mask_logits.values())
-        if self._eval_gates is None or self._eval_gates[0] != key:
-            self._eval_gates = (key, self.experts.gates())
-        return self._eval_gates[1]
+        if self._eval_gates is None:
+            self._eval_gates = self.experts.gates()
+        return self._eval_gates
+
+    def invalidate_caches(self) -> None:
+        """Forget the evaluation gates: called by every update, state load and device move; call it after
+        editing the mask logits by hand."""
+        self._eval_gates = None
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.invalidate_caches()
+        return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> SMAT:  # .to(), .cuda(), .half(): new tensors
+        self.invalidate_caches()
+        return super()._apply(fn, *args, **kwargs)
 
     def _merged(self, alpha: Tensor) -> tuple[dict[str, Tensor], float]:
         """Merged targeted weights and the share of targeted entries the task's merged mask zeroes."""
@@ -373,8 +383,8 @@ class SMAT(SMATProbes, PrototypeLearner):
         theta, _ = self._merged(self.expert_scores(support))
         return {n: theta[n].clone() if n in theta else t.clone() for n, t in self.backbone.state_dict().items()}
 
-    def task_model(self, support: Support) -> nn.Module:
-        """A dense copy of the backbone holding theta_i, so fine-tuning protocols can deep-copy and train it."""
+    def _task(self, support: Support) -> tuple[nn.Module, Tensor, float]:
+        """(a dense copy of the backbone holding theta_i, the task's expert weights, its merged-mask sparsity)."""
         alpha = self.expert_scores(support)
         theta, sparsity = self._merged(alpha)
         model = copy.deepcopy(self.backbone)
@@ -382,13 +392,15 @@ class SMAT(SMATProbes, PrototypeLearner):
             for name, p in model.named_parameters():
                 if name in theta:
                     p.copy_(theta[name])
-        model._smat_task = (alpha, sparsity)  # read back by adapt (survives the protocols' deep copies)
-        return model.requires_grad_(False)
+        return model.requires_grad_(False), alpha, sparsity
+
+    def task_model(self, support: Support) -> nn.Module:
+        """A dense copy of the backbone holding theta_i, so fine-tuning protocols can deep-copy and train it."""
+        return self._task(support)[0]
 
     def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0, options: Any = None) -> TaskState:
-        state = super().adapt(support, mode=mode, steps=steps, options=options)
-        assert isinstance(state, ProtoState)
-        alpha, sparsity = getattr(state.model, "_smat_task", (None, math.nan))
+        model, alpha, sparsity = self._task(support)
+        state = self.prototype_state(model, support, mode=mode, steps=steps, options=options)
         return SMATState(state.way, state.prototypes, state.model, sparsity, alpha)
 
     def describe(self) -> dict[str, int | float | str]:
