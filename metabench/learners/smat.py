@@ -378,11 +378,6 @@ class SMAT(SMATProbes, PrototypeLearner):
             theta = self.experts.merge(self._base(), self.experts.updates(alpha, gates, masks=masks))
             return theta, self.experts.zero_fraction(masks)
 
-    def export_dense(self, support: Support) -> dict[str, Tensor]:
-        """The task's backbone state dict with the experts merged in (loadable into the backbone)."""
-        theta, _ = self._merged(self.expert_scores(support))
-        return {n: theta[n].clone() if n in theta else t.clone() for n, t in self.backbone.state_dict().items()}
-
     def _task(self, support: Support) -> tuple[nn.Module, Tensor, float]:
         """(a dense copy of the backbone holding theta_i, the task's expert weights, its merged-mask sparsity)."""
         alpha = self.expert_scores(support)
@@ -402,10 +397,3 @@ class SMAT(SMATProbes, PrototypeLearner):
         model, alpha, sparsity = self._task(support)
         state = self.prototype_state(model, support, mode=mode, steps=steps, options=options)
         return SMATState(state.way, state.prototypes, state.model, sparsity, alpha)
-
-    def describe(self) -> dict[str, int | float | str]:
-        density = self.experts.density()
-        return {**super().describe(), "n_experts": self.cfg.n_experts, "mask_kind": self.mask_kind,
-                "sparsity_target": self.cfg.sparsity if self.mask_kind != "dense" else 0.0,
-                "expert_sparsity": 1.0 - float(density.mean()), "targeted_parameters": self.experts.total,
-                "tasks_seen": int(self.tasks_seen)}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from episodes.episode import Episode
+from episodes.episode import Episode, Support
 
 if TYPE_CHECKING:
     from metabench.learners.smat import SMAT
@@ -23,7 +23,20 @@ __all__ = ["SMATProbes"]
 
 
 class SMATProbes:
-    """Mixin for ``SMAT``: implements ``MaskInspector`` and ``MetaGradientSource``."""
+    """Mixin for ``SMAT``: implements ``MaskInspector`` and ``MetaGradientSource``, its manifest description and
+    the dense export of a task's merged weights."""
+
+    def describe(self: SMAT) -> dict[str, int | float | str]:
+        density = self.experts.density()
+        return {**super().describe(), "n_experts": self.cfg.n_experts, "mask_kind": self.mask_kind,  # type: ignore[misc]
+                "sparsity_target": self.cfg.sparsity if self.mask_kind != "dense" else 0.0,
+                "expert_sparsity": 1.0 - float(density.mean()), "targeted_parameters": self.experts.total,
+                "tasks_seen": int(self.tasks_seen)}
+
+    def export_dense(self: SMAT, support: Support) -> dict[str, Tensor]:
+        """The task's backbone state dict with the experts merged in (loadable into the backbone)."""
+        theta, _ = self._merged(self.expert_scores(support))
+        return {n: theta[n].clone() if n in theta else t.clone() for n, t in self.backbone.state_dict().items()}
 
     def _dynamics(self: SMAT, alpha: Tensor, density: Tensor) -> dict[str, float]:
         """Training-log diagnostics: router entropy (nats; log M is uniform), the largest mean alpha, the norm of
