@@ -245,13 +245,7 @@ def load_data_config(path: str | Path | None = None,
         raise ConfigError(f'Override "{stray[0]}..." does not apply here: this command takes data.* settings only '
                           "(data.root, data.sources.NAME.*, data.sampler.*).")
     layers.append(("the key=value overrides", parsed))
-    schema = OmegaConf.structured({"data": DataConfig()})
-    merged = schema
-    for origin, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as err:
-            raise _one_line(err, schema, origin) from None
+    merged = _merge_layers(OmegaConf.structured({"data": DataConfig()}), layers)
     given = {str(k) for _, layer in layers for k in (layer.get("data") or {})}
     try:
         return OmegaConf.to_object(merged.data), given  # type: ignore[return-value]
@@ -259,16 +253,22 @@ def load_data_config(path: str | Path | None = None,
         raise ConfigError(f"Bad data settings: {str(err).splitlines()[0]}") from None
 
 
-def _check_outside_learner(layers: list[tuple[str, DictConfig]]) -> None:
-    """Validate every key but ``learner.*`` (whose schema is the learner's own config class) against the schema."""
-    schema = OmegaConf.structured(RunConfig())
+def _merge_layers(schema: DictConfig, layers: list[tuple[str, DictConfig]]) -> DictConfig:
+    """Merge ``layers`` onto ``schema`` in order; a bad key or value is one sentence naming it and its layer."""
     merged = schema
     for origin, layer in layers:
-        rest = OmegaConf.masked_copy(layer, [k for k in layer if k != "learner"]) if "learner" in layer else layer
         try:
-            merged = OmegaConf.merge(merged, rest)
+            merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             raise _one_line(err, schema, origin) from None
+    return merged
+
+
+def _check_outside_learner(layers: list[tuple[str, DictConfig]]) -> None:
+    """Validate every key but ``learner.*`` (whose schema is the learner's own config class) against the schema."""
+    _merge_layers(OmegaConf.structured(RunConfig()),
+                  [(origin, OmegaConf.masked_copy(layer, [k for k in layer if k != "learner"])
+                    if "learner" in layer else layer) for origin, layer in layers])
 
 
 def load_config(
@@ -306,12 +306,7 @@ def load_config(
     layers.insert(0, (f'preset "{preset}"', OmegaConf.create({**PRESETS[preset], "learner": dict(learner_preset)})))
 
     schema = OmegaConf.structured(RunConfig(learner=learner_config_class(learner_name)(name=learner_name)))
-    merged = schema
-    for origin, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as err:
-            raise _one_line(err, schema, origin) from None
+    merged = _merge_layers(schema, layers)
     merged.preset = preset
     cfg = OmegaConf.to_object(merged)
     _check_values(cfg)
