@@ -174,12 +174,29 @@ def claim_d(run_dir: Path | None) -> Answer:
     scores = scores.assign(family=scores["source"].map(lambda s: "noto" if s.startswith("noto") else s))
     by_source = domain_clustering(scores, "source")
     by_id = domain_clustering(scores, "domain")
-    yes = by_source["ratio"] < 1 and by_source["p"] < ALPHA
+    clustered = by_source["ratio"] < 1 and by_source["p"] < ALPHA
+    usage = routing_usage(scores)
+    collapsed = usage["collapsed_sources"] > usage["sources"] / 2
+    verdict = "no" if not clustered else ("weakly: the router is nearly collapsed" if collapsed else "yes")
     evidence = (f"within/between-source cosine-distance ratio of per-episode α = {by_source['ratio']:.3f} "
                 f"(permutation p = {by_source['p']:.3g}, {by_source['episodes']} episodes of {by_source['groups']} "
-                f"sources; 1 = no clustering); by ID/OOD: {by_id['ratio']:.3f} (p = {by_id['p']:.3g})")
-    return Answer(claim, "yes" if yes else "no", evidence, [dict(level="source", **by_source),
-                                                              dict(level="domain", **by_id)])
+                f"sources; 1 = no clustering); by ID/OOD: {by_id['ratio']:.3f} (p = {by_id['p']:.3g}); but one "
+                f"expert takes over 90% of the mean α for {usage['collapsed_sources']} of {usage['sources']} "
+                f"sources (effective number of experts used {usage['effective_experts']:.2f} of "
+                f"{usage['experts']})")
+    return Answer(claim, verdict, evidence, [dict(level="source", **by_source), dict(level="domain", **by_id),
+                                             dict(level="usage", **usage)])
+
+
+def routing_usage(scores: pd.DataFrame) -> dict[str, float]:
+    """How many experts the router really uses: per source, the mean α's largest share (``collapsed`` above 0.9);
+    overall, exp(entropy) of the mean α over every episode (1 = a single expert, M = uniform)."""
+    per_source = scores.pivot_table(index="source", columns="expert", values="alpha", aggfunc="mean")
+    overall = scores.groupby("expert")["alpha"].mean()
+    p = (overall / overall.sum()).to_numpy()
+    entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    return {"sources": int(len(per_source)), "experts": int(per_source.shape[1]),
+            "collapsed_sources": int((per_source.max(axis=1) > 0.9).sum()), "effective_experts": float(np.exp(entropy))}
 
 
 def _alignment(run_dir: Path) -> pd.DataFrame | None:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from studies.smat_cpu_claims import claim_a, claim_b, claim_c, domain_clustering, pooled
+from studies.smat_cpu_claims import claim_a, claim_b, claim_c, domain_clustering, pooled, routing_usage
 
 
 def _rows(label: str, shift: dict[str, float], n: int = 60, seed: int = 0) -> pd.DataFrame:
@@ -71,3 +71,14 @@ def test_domain_clustering_separates_clustered_from_shuffled_scores() -> None:
     shuffled = clustered.assign(source=clustered.groupby("episode_id")["source"].transform(
         lambda s: rng.choice(["a", "b", "c"])))
     assert domain_clustering(shuffled, permutations=200)["p"] > 0.01
+
+
+def test_routing_usage_tells_a_collapsed_router_from_a_spread_one() -> None:
+    def frame(weights: dict[str, list[float]]) -> pd.DataFrame:
+        return pd.DataFrame([{"episode_id": f"{s}{e}", "source": s, "expert": m, "alpha": a}
+                             for s, w in weights.items() for e in range(3) for m, a in enumerate(w)])
+
+    collapsed = routing_usage(frame({"a": [0.97, 0.01, 0.01, 0.01], "b": [0.95, 0.03, 0.01, 0.01]}))
+    assert collapsed["collapsed_sources"] == 2 and collapsed["effective_experts"] < 1.3
+    spread = routing_usage(frame({"a": [0.7, 0.1, 0.1, 0.1], "b": [0.1, 0.1, 0.7, 0.1]}))
+    assert spread["collapsed_sources"] == 0 and spread["effective_experts"] > 3
