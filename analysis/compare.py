@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.stats import estimate, paired_stats
 from analysis.tables import setting_frame
+from metabench.stats import estimate, paired_stats
 
 __all__ = ["BREAKDOWNS", "breakdown", "paired_comparison"]
 

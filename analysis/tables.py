@@ -4,7 +4,7 @@ A cell is the mean per-episode accuracy ± 1.96·σ/√n (population σ) over th
 domain's sources comes its average row (the plain mean of the per-source means; its half-width is
 1.96·√(Σ σᵢ²/nᵢ)/k, the CI of a mean of k independent means), then one "Average rank" row over all sources.
 
-Ranks and bold (see ``analysis.stats``): within a row, entries tie when |Δ| ≤ 1.96·√(s₁²/n₁ + s₂²/n₂); tie
+Ranks and bold (see ``metabench.stats``): within a row, entries tie when |Δ| ≤ 1.96·√(s₁²/n₁ + s₂²/n₂); tie
 groups are anchored at their best entry and share the averaged rank. Bold marks the best tie group (the best
 entry and all entries not significantly worse than it) in rows where at least one entry is significantly worse;
 in the average-rank row, bold marks the lowest average rank (unless all are equal).
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from analysis.stats import Estimate, average_estimate, estimate, tie_aware_ranks, top_group
+from metabench.stats import Estimate, average_estimate, estimate, tie_aware_ranks, top_group
 
 __all__ = ["Column", "ResultsTable", "TableRow", "protocol_label", "results_table", "setting_frame"]
 

@@ -25,7 +25,8 @@ from metabench.config import RunConfig
 from metabench.engine import EvalContext, evaluate
 from metabench.finetuning import EvalProtocol
 from metabench.learners.base import Learner
-from metabench.results import RunWriter, ci95
+from metabench.results import RunWriter
+from metabench.stats import ci95
 
 __all__ = ["Validator"]
 

@@ -31,9 +31,7 @@ __all__ = [
     "RunFolders",
     "RunWriter",
     "ResultsError",
-    "ci95",
     "load_run",
-    "summarize",
     "watch_run_folders",
     "write_error",
 ]
@@ -312,28 +310,6 @@ def _mark_stopped(run_dir: Path, status: str, reason: str) -> bool:
         except OSError as err:  # a full disk may refuse this too; the folder is still reported
             log.debug("Could not mark %s as %s: %s", run_dir, status, err)
     return True
-
-
-def ci95(values: Iterable[float]) -> tuple[float, float, int]:
-    """Mean and Meta-Dataset's 95% half-width ``1.96 * std / sqrt(n)`` (population std) of a sample."""
-    vals = [float(v) for v in values]
-    n = len(vals)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = sum(vals) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / n)
-    return mean, 1.96 * std / math.sqrt(n), n
-
-
-def summarize(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """Mean accuracy ± 95% CI per group (default: domain, source, mode, steps), in percent."""
-    by = by or ["domain", "source", "mode", "steps"]
-    out = []
-    for key, group in frame.groupby(by, sort=False):
-        mean, half, n = ci95(group["accuracy"])
-        labels = dict(zip(by, key if isinstance(key, tuple) else (key,)))
-        out.append({**labels, "accuracy": 100 * mean, "ci95": 100 * half, "n": n})
-    return pd.DataFrame(out, columns=[*by, "accuracy", "ci95", "n"])
 
 
 class FollowerRunWriter(RunWriter):

@@ -7,18 +7,21 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
-from metabench.results import summarize
+from metabench.stats import average_estimate, estimate, summarize
 
 __all__ = ["domain_averages", "summary_table"]
 
 
-def domain_averages(per_source: pd.DataFrame) -> pd.DataFrame:
-    """Plain average of per-source means for each domain (ID / OOD), as in the SMAT and PMF tables."""
-    return (
-        per_source.groupby(["domain", "mode", "steps"], sort=False)
-        .agg(accuracy=("accuracy", "mean"), sources=("source", "nunique"))
-        .reset_index()
-    )
+def domain_averages(frame: pd.DataFrame) -> pd.DataFrame:
+    """Plain average of per-source means for each domain (ID / OOD), as in the SMAT and PMF tables, with the
+    report's half-width of that average (``metabench.stats.average_estimate``)."""
+    rows = []
+    for (domain, mode, steps), part in frame.groupby(["domain", "mode", "steps"], sort=False):
+        parts = [estimate(g["accuracy"]) for _, g in part.groupby("source", sort=False)]
+        avg = average_estimate(parts)
+        rows.append({"domain": domain, "mode": mode, "steps": steps, "accuracy": 100 * avg.mean,
+                     "ci95": 100 * avg.half_width, "sources": len(parts)})
+    return pd.DataFrame(rows, columns=["domain", "mode", "steps", "accuracy", "ci95", "sources"])
 
 
 def summary_table(frame: pd.DataFrame, manifest: dict[str, Any]) -> Table:
@@ -40,7 +43,7 @@ def summary_table(frame: pd.DataFrame, manifest: dict[str, Any]) -> Table:
         table.add_row(r.source, r.domain.upper(), r["mode"], str(r.steps), str(r.n), f"{r.accuracy:.2f} ± {r.ci95:.2f}")
     if len(per_source):
         table.add_section()
-        for _, r in domain_averages(per_source).iterrows():
+        for _, r in domain_averages(frame).iterrows():
             label = f"{r.domain.upper()} avg ({r.sources})"
-            table.add_row(label, r.domain.upper(), r["mode"], str(r.steps), "", f"{r.accuracy:.2f}")
+            table.add_row(label, r.domain.upper(), r["mode"], str(r.steps), "", f"{r.accuracy:.2f} ± {r.ci95:.2f}")
     return table

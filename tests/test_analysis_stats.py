@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from analysis.stats import (
+from metabench.stats import (
     Estimate,
     average_estimate,
     estimate,

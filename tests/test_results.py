@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metabench.results import EPISODE_COLUMNS, EpisodeRow, ResultsError, RunWriter, ci95, load_run, summarize
+from metabench.results import EPISODE_COLUMNS, EpisodeRow, ResultsError, RunWriter, load_run
+from metabench.stats import ci95, summarize
 
 
 def _row(source: str, acc: float, episode_id: str = "e", domain: str = "id") -> EpisodeRow:
@@ -62,3 +63,15 @@ def test_summarize_per_source() -> None:
 def test_missing_run_folder_is_clear(tmp_path) -> None:
     with pytest.raises(ResultsError, match="is not a metabench run folder"):
         load_run(tmp_path)
+
+
+def test_console_domain_average_has_the_reports_half_width() -> None:
+    from metabench.summary import domain_averages
+
+    a, b = [1.0, 0.0, 1.0, 1.0], [0.5, 0.5, 1.0]
+    frame = pd.DataFrame({"domain": "id", "mode": "zero_shot", "steps": 0,
+                          "source": ["a"] * 4 + ["b"] * 3, "accuracy": a + b})
+    row = domain_averages(frame).iloc[0]
+    (ma, ha, _), (mb, hb, _) = ci95(a), ci95(b)
+    assert row.accuracy == pytest.approx(100 * (ma + mb) / 2)
+    assert row.ci95 == pytest.approx(100 * math.sqrt(ha**2 + hb**2) / 2) and row.sources == 2

@@ -13,8 +13,8 @@ import pandas as pd
 
 from analysis.figures._base import FigureResult, NoData, new_figure, save_figure
 from analysis.load import config_value, varying_keys
-from analysis.stats import average_estimate, estimate
 from analysis.tables import protocol_label, setting_frame
+from metabench.stats import average_estimate, estimate
 
 __all__ = ["plot_sparsity_tradeoff", "swept_key", "sweep_summary"]
 

@@ -1,4 +1,5 @@
-"""The statistics behind every table: Meta-Dataset's CI, its significance rule, tie-aware ranks, paired tests.
+"""The statistics behind every table, the console's and the report's: Meta-Dataset's CI, its significance rule,
+tie-aware ranks, paired tests. Torch-free, so the analysis package and the CLI share it.
 
 Conventions (Meta-Dataset): a cell is the mean of per-episode accuracies ± 1.96·σ/√n with σ the *population*
 standard deviation (ddof=0). Two entries differ significantly when |Δ| > 1.96·√(s₁²/n₁ + s₂²/n₂), i.e. when
@@ -14,23 +15,46 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import stats
-
-from metabench.results import ci95
 
 __all__ = [
     "Z95",
     "Estimate",
     "average_estimate",
+    "ci95",
     "estimate",
     "paired_stats",
     "significantly_different",
+    "summarize",
     "tie_groups",
     "tie_aware_ranks",
     "top_group",
 ]
 
 Z95 = 1.96
+
+
+def ci95(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean and Meta-Dataset's 95% half-width ``1.96 * std / sqrt(n)`` (population std) of a sample."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / n)
+    return mean, 1.96 * std / math.sqrt(n), n
+
+
+def summarize(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """Mean accuracy ± 95% CI per group (default: domain, source, mode, steps), in percent."""
+    by = by or ["domain", "source", "mode", "steps"]
+    out = []
+    for key, group in frame.groupby(by, sort=False):
+        mean, half, n = ci95(group["accuracy"])
+        labels = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        out.append({**labels, "accuracy": 100 * mean, "ci95": 100 * half, "n": n})
+    return pd.DataFrame(out, columns=[*by, "accuracy", "ci95", "n"])
 
 
 @dataclass(frozen=True)
