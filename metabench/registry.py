@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["Registry", "RegistryError", "load_plugins", "suggest"]
 
@@ -49,20 +49,37 @@ class Registry(Generic[T]):
     Args:
         kind: what the entries are ("learner", "backbone", "source"), used in error messages.
         entry_point_group: optional ``importlib.metadata`` group scanned once on first lookup.
+        check: called on every entry when it is first loaded; it returns a sentence saying what is wrong with
+            it (e.g. not a ``Learner`` subclass), or None.
     """
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    def __init__(self, kind: str, entry_point_group: str | None = None,
+                 check: Callable[[Any], str | None] | None = None) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self.check = check
+        self.frozen = False
         self._objects: dict[str, T] = {}
         self._lazy: dict[str, str] = {}
         self._scanned = entry_point_group is None
+
+    def freeze(self) -> None:
+        """Refuse any further registration (a harness that must compare a fixed set of entries)."""
+        self.frozen = True
+
+    def _accept(self, name: str, obj: T) -> T:
+        problem = self.check(obj) if self.check is not None else None
+        if problem:
+            raise RegistryError(f'{self.kind} "{name}" cannot be used: {problem}')
+        return obj
 
     def register(self, name: str, target: str | T | None = None) -> Callable[[T], T] | None:
         """Register ``target`` under ``name``; without a target, return a decorator.
 
         A string target ``"package.module:attr"`` is imported on first use.
         """
+        if self.frozen:
+            raise RegistryError(f'The {self.kind} registry is frozen; "{name}" cannot be registered.')
         if target is not None and (
             name in self._lazy or (name in self._objects and not _same_definition(self._objects[name], target))
         ):
@@ -74,14 +91,14 @@ class Registry(Generic[T]):
                     raise RegistryError(f'{self.kind} "{name}" is registered twice; pick another name.')
                 # A decorator may run while its own lazy entry is being resolved: that is no clash.
                 self._lazy.pop(name, None)
-                self._objects[name] = obj
+                self._objects[name] = self._accept(name, obj)
                 return obj
 
             return decorator
         if isinstance(target, str):
             self._lazy[name] = target
         else:
-            self._objects[name] = target
+            self._objects[name] = self._accept(name, target)
         return None
 
     def _scan_entry_points(self) -> None:
@@ -112,7 +129,7 @@ class Registry(Generic[T]):
         module_name, _, attr = self._lazy[name].partition(":")
         module = importlib.import_module(module_name)
         # Importing the module may itself have registered the name through the decorator.
-        obj = self._objects.get(name) or getattr(module, attr)
+        obj = self._accept(name, self._objects.get(name) or getattr(module, attr))
         self._objects[name] = obj
         self._lazy.pop(name, None)
         return obj

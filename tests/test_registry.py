@@ -81,3 +81,18 @@ def test_plugin_file_registers_a_learner(tmp_path, monkeypatch: pytest.MonkeyPat
         sys.modules.pop("metabench_plugin_my_plugin", None)
         LEARNERS.unregister("pre_copy_for_test")
     assert "pre_copy_for_test" not in LEARNERS
+
+
+def test_the_learner_registry_checks_the_base_class_and_a_registry_can_freeze() -> None:
+    LEARNERS.register("not_a_learner_for_test", "collections:Counter")
+    try:
+        with pytest.raises(RegistryError, match="is not a subclass of metabench.learners.base.Learner"):
+            LEARNERS.get("not_a_learner_for_test")
+    finally:
+        LEARNERS.unregister("not_a_learner_for_test")
+    reg: Registry[object] = Registry("thing")
+    reg.register("a", 1)
+    reg.freeze()
+    with pytest.raises(RegistryError, match="registry is frozen"):
+        reg.register("b", 2)
+    assert reg.get("a") == 1

@@ -13,8 +13,16 @@ if TYPE_CHECKING:
 
 __all__ = ["LEARNERS", "create_learner", "learner_config_class", "list_learners"]
 
+def _is_learner(obj: object) -> str | None:
+    from metabench.learners.base import Learner  # here: importing the registry stays torch-free
+
+    if isinstance(obj, type) and issubclass(obj, Learner):
+        return None
+    return f"{obj!r} is not a subclass of metabench.learners.base.Learner; subclass it (or PrototypeLearner)."
+
+
 #: name -> Learner subclass. Outside packages add theirs through the ``metabench.learners`` entry-point group.
-LEARNERS: Registry[type[Learner]] = Registry("learner", entry_point_group="metabench.learners")
+LEARNERS: Registry[type[Learner]] = Registry("learner", entry_point_group="metabench.learners", check=_is_learner)
 LEARNERS.register("pre", "baselines.pre:Pre")
 LEARNERS.register("pmf", "baselines.pmf:PMF")
 LEARNERS.register("lora", "baselines.lora:LoRA")
