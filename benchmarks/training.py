@@ -9,7 +9,7 @@ minus its RSS before the learner was built (the backbone and episodes already lo
 the learner's own state, optimiser state and activations. On a GPU it is ``max_memory_allocated``.
 
 Profile: one SMAT step (the paper's defaults: elementwise masks, teacher on) under ``torch.profiler``,
-the step its memory child runs anyway; ``metabench/learners/smat.py`` labels its pieces
+the step its memory child runs anyway; ``metabench/learners/smat/model.py`` labels its pieces
 (``smat.router``, ``smat.merge``, ...).
 
     python -m benchmarks.training [--quick] [--out benchmarks/results]

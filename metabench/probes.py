@@ -1,7 +1,7 @@
 """Analysis probes of expert-based learners: expert scores, mask statistics and overlap, and
 meta-gradient alignment (the analyses of SMAT, Chen et al., ICML 2024, arXiv:2403.08477, section 5).
 
-Learners opt in by implementing the small protocols below (``metabench.learners.smat`` does).
+Learners opt in by implementing the small protocols below (``metabench.learners.smat.model`` does).
 Probes write tidy parquet tables under ``<run_dir>/probes/``; ``analysis`` reads those files and
 never imports this module (it needs torch). ``ProbeRecorder`` is what the engine calls during a run.
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from baselines.pmf import PMF, PMFConfig
 from metabench.learners import LEARNERS
 from metabench.learners.smat import SMAT
-from metabench.learners.smat_config import SMATConfig
+from metabench.learners.smat.config import SMATConfig
 
 
 def _maybe_crash(phase: str, count: int) -> None:

@@ -190,7 +190,7 @@ def test_probe_protocols_and_writers(tmp_path: Path) -> None:
 
 
 def test_sparsity_target_ramps_cubically_during_warmup() -> None:
-    from metabench.learners.smat_losses import LagrangianSparsity
+    from metabench.learners.smat.losses import LagrangianSparsity
 
     lag = LagrangianSparsity(2, 0.9)
     lag.set_progress(0.0)

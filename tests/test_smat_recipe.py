@@ -15,7 +15,7 @@ from metabench.catalog import catalog
 from metabench.config import load_config
 from metabench.finetuning import FineTuneOptions, prepare
 from metabench.learners.smat import SMAT
-from metabench.learners.smat_losses import LagrangianSparsity, UpstreamEpochs, distillation
+from metabench.learners.smat.losses import LagrangianSparsity, UpstreamEpochs, distillation
 from metabench.nn.expert_targets import fixed_masks
 from metabench.probes import read_mask_allocation, write_mask_stats
 from tests.test_smat import _episode, _randomise_delta, _smat

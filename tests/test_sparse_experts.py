@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metabench.backbones import create_backbone
-from metabench.learners.smat_losses import LagrangianSparsity, distillation
+from metabench.learners.smat.losses import LagrangianSparsity, distillation
 from metabench.nn.sparse_experts import (
     L0_SHIFT,
     GateCache,

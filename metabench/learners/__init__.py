@@ -27,10 +27,10 @@ LEARNERS.register("pre", "baselines.pre:Pre")
 LEARNERS.register("pmf", "baselines.pmf:PMF")
 LEARNERS.register("lora", "baselines.lora:LoRA")
 LEARNERS.register("finetune", "baselines.finetune:FineTune")
-LEARNERS.register("smat", "metabench.learners.smat:SMAT")
-LEARNERS.register("softmerge", "metabench.learners.smat_ablations:SoftMerge")
-LEARNERS.register("smat_random", "metabench.learners.smat_ablations:SMATRandom")
-LEARNERS.register("smat_magnitude", "metabench.learners.smat_ablations:SMATMagnitude")
+LEARNERS.register("smat", "metabench.learners.smat.model:SMAT")
+LEARNERS.register("softmerge", "metabench.learners.smat.ablations:SoftMerge")
+LEARNERS.register("smat_random", "metabench.learners.smat.ablations:SMATRandom")
+LEARNERS.register("smat_magnitude", "metabench.learners.smat.ablations:SMATMagnitude")
 
 
 def list_learners() -> list[str]:

@@ -7,7 +7,7 @@ They are comparison learners: they change only the kind of mask (``metabench.nn.
 from __future__ import annotations
 
 from metabench.learners import LEARNERS
-from metabench.learners.smat import SMAT
+from metabench.learners.smat.model import SMAT
 
 __all__ = ["SMATMagnitude", "SMATRandom", "SoftMerge"]
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from episodes.episode import Episode, Support
 
 if TYPE_CHECKING:
-    from metabench.learners.smat import SMAT
+    from metabench.learners.smat.model import SMAT
 
 __all__ = ["SMATProbes"]
 

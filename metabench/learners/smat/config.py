@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metabench.learners.base import LearnerConfig
-from metabench.learners.smat_losses import KD_DIRECTIONS
+from metabench.learners.smat.losses import KD_DIRECTIONS
 
 __all__ = ["SMATConfig"]
 

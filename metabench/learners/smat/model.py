@@ -49,9 +49,9 @@ from episodes.episode import Episode, Support
 from metabench.distributed import average_tensor, world_size
 from metabench.learners import LEARNERS
 from metabench.learners.base import ProtoState, PrototypeLearner, TaskState
-from metabench.learners.smat_config import SMATConfig
-from metabench.learners.smat_losses import LagrangianSparsity, distillation, make_schedulers
-from metabench.learners.smat_probes import SMATProbes
+from metabench.learners.smat.config import SMATConfig
+from metabench.learners.smat.losses import LagrangianSparsity, distillation, make_schedulers
+from metabench.learners.smat.probes import SMATProbes
 from metabench.nn.heads import class_prototypes, embed
 from metabench.nn.router import TaskRouter
 from metabench.nn.sparse_experts import GateCache, SparseInterpolatedExperts
