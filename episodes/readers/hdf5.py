@@ -137,7 +137,7 @@ class PackedHDF5(Source):
         assert self._h5 is not None
         fd = self._h5.id.get_vfd_handle()
         out = np.empty((len(rows), *ds.shape[1:]), dtype=np.uint8)
-        nbytes = out[0].nbytes
+        nbytes = out[0].nbytes if len(rows) else 0  # an empty request reads nothing
         for k, row in enumerate(rows):
             if os.preadv(fd, [out[k].reshape(-1)], int(self._chunks[row])) != nbytes:
                 raise OSError(f"image {int(row)} lies past the end of the file")
