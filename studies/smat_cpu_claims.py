@@ -73,7 +73,7 @@ def _missing(claim: str, names: list[str]) -> Answer:
 def claim_a(frame: pd.DataFrame, smat: str, pmf: str = "pmf") -> Answer:
     """(a) SMAT >= PMF out of domain, zero-shot and after full fine-tuning."""
     claim = "(a) SMAT ≥ PMF out of domain (zero-shot; after full fine-tuning)"
-    rows = [r for mode in ("zero_shot", "full") for domain in ("OOD", *GROUPS)
+    rows = [{**r, "group": domain} for mode in ("zero_shot", "full") for domain in ("OOD", *GROUPS)
             if (r := pooled(frame, smat, pmf, domain, mode)) is not None]
     if not rows:
         return _missing(claim, [smat, pmf])
@@ -84,7 +84,10 @@ def claim_a(frame: pd.DataFrame, smat: str, pmf: str = "pmf") -> Answer:
         verdict = "no (PMF is better)"
     else:
         verdict = "no (no significant difference)"
-    return Answer(claim, verdict, "; ".join(f"{r['mode']}, {r['domain']}: {_fmt(r)}" for r in rows), rows)
+    wins = [f"{r['group']} {r['mode']}" for r in rows if r["group"] != "OOD" and _better(r)]
+    if wins and verdict != "yes":
+        verdict += f"; SMAT is better on {', '.join(wins)}"
+    return Answer(claim, verdict, "; ".join(f"{r['mode']}, {r['group']}: {_fmt(r)}" for r in rows), rows)
 
 
 def _sweep_means(frame: pd.DataFrame, runs: Mapping[float, str], domain: str) -> dict[float, float]:
