@@ -38,7 +38,7 @@ from episodes.split import Split
 from episodes.suite_format import SuiteError, plan_to_json
 from episodes.suites import SUITES_DIR, Suite, _canonical_hash, _encode, _header, _write, load_suite, spec_fingerprint
 
-__all__ = ["import_suite", "read_episode_file", "referenced_sources"]
+__all__ = ["import_md_dump", "import_suite", "read_episode_file", "referenced_sources"]
 
 Item = tuple[int, int, int]  # class id, image index, label
 
@@ -175,8 +175,7 @@ def _plan(index: int, episode: Mapping[str, Any], source: Source, split: Split, 
 def import_suite(path: str | os.PathLike[str], name: str, sources: Mapping[str, Source],
                  directory: str | os.PathLike[str] | None = None) -> Suite:
     """Read an episode file, check every image against ``sources``, and write it as the frozen suite ``name``."""
-    if not name or any(ch in name for ch in "/\\") or name.startswith("."):
-        raise SuiteError(f'Suite name "{name}" must be a plain file name (letters, digits, "-" or "_").')
+    _check_name(name)
     path = Path(path)
     split, episodes = read_episode_file(path)
     missing = [s for s in referenced_sources(episodes) if s not in sources]
@@ -185,11 +184,42 @@ def import_suite(path: str | os.PathLike[str], name: str, sources: Mapping[str, 
                          "name a registered one.")
     plans = [_plan(i, e, sources[str(e["source"])], split, f"{path} episode {i}") for i, e in enumerate(episodes)]
     used = {s: sources[s] for s in referenced_sources(episodes)}
+    return _write_suite(name, split, plans, used, path.name, directory)
+
+
+def _write_suite(name: str, split: Split, plans: Sequence[EpisodePlan], used: Mapping[str, Source], origin: str,
+                 directory: str | os.PathLike[str] | None) -> Suite:
     fingerprints = {s: spec_fingerprint(src.spec) for s, src in used.items()}
     counts = [sum(p.source == s for p in plans) for s in used]
     doc = _header(name, split, SamplerConfig(), 0, max(counts), None, fingerprints)
-    doc["imported_from"] = path.name
+    doc["imported_from"] = origin
     doc["episodes"] = [plan_to_json(p) for p in plans]
     doc["content_hash"] = _canonical_hash(doc)
     target = _write(Path(directory) if directory is not None else SUITES_DIR, name, _encode(doc))
     return load_suite(target, used)
+
+
+def import_md_dump(folder: str | os.PathLike[str], name: str, data_dir: str | os.PathLike[str], *,
+                   image_size: int = 84, directory: str | os.PathLike[str] | None = None) -> tuple[Path, Suite]:
+    """Meta-Dataset's dumped episodes (``episodes.md_dump``): their images to ``<data_dir>/<name>.h5`` and their
+    composition to the frozen suite ``name``. Returns the packed file and the suite."""
+    from episodes.convert import convert_source
+    from episodes.md_dump import DumpedEpisodes
+    from episodes.readers.hdf5 import PackedHDF5
+
+    _check_name(name)
+    dump = DumpedEpisodes(folder, name=name, image_size=image_size)
+    h5 = convert_source(dump, Path(data_dir) / f"{name}.h5", progress=False)
+    packed = PackedHDF5(h5, name=name, domain="ood")
+    plans = []
+    for i, ((class_ids, queries), shots) in enumerate(zip(dump.episodes, dump.shots)):
+        support = tuple((c, j) for c, k in zip(class_ids, shots) for j in range(k))
+        query = tuple((c, k + j) for c, k, q in zip(class_ids, shots, queries) for j in range(q))
+        desc = EpisodeDescription(tuple(class_ids), tuple(shots), min(queries))
+        plans.append(EpisodePlan(i, name, Split.TEST, desc, tuple(class_ids), support, query))
+    return h5, _write_suite(name, Split.TEST, plans, {name: packed}, Path(folder).name, directory)
+
+
+def _check_name(name: str) -> None:
+    if not name or any(ch in name for ch in "/\\") or name.startswith("."):
+        raise SuiteError(f'Suite name "{name}" must be a plain file name (letters, digits, "-" or "_").')

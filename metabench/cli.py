@@ -222,6 +222,17 @@ def _import_episodes(args: argparse.Namespace) -> int:
     if args.file is None or args.name is None:
         raise ConfigError("episodes import needs the episode file and --name NAME (the suite to write).")
     data, _ = load_data_config(args.config, args.overrides)
+    if args.format == "md-dump":
+        from episodes.suite_import import import_md_dump
+
+        if args.data_out is None and data.root is None:
+            raise ConfigError("episodes import --format md-dump needs --data-out DIR (or data.root=DIR): the folder "
+                              "that receives the dumped images as <name>.h5.")
+        h5, suite = import_md_dump(args.file, args.name, args.data_out or data.root,
+                                   image_size=args.image_size or 84, directory=args.out)
+        print(f"Imported suite {suite.name}: {len(suite)} episodes -> {suite.path}; images -> {h5} (evaluate with "
+              f"data.sources.{suite.name}.kind=h5 data.sources.{suite.name}.path={h5})")
+        return 0
     _, episodes = read_episode_file(args.file)
     sources = build_sources(referenced_sources(episodes), data.root, data.sources)
     suite = import_suite(args.file, args.name, sources, directory=args.out)
@@ -262,6 +273,10 @@ def _episodes_parser(sub: argparse._SubParsersAction) -> None:
                     "or list the known suites")
     ep.add_argument("file", nargs="?", type=Path, help="import: the episode file")
     ep.add_argument("--name", help="import: the name of the suite to write")
+    ep.add_argument("--format", choices=["list", "md-dump"], default="list",
+                    help="import: an episode list (JSON or CSV, default) or a folder of Meta-Dataset's dumped "
+                    "episodes (episode-NNNN-train/test.tfrecords)")
+    ep.add_argument("--data-out", help="import --format md-dump: folder for the dumped images (<name>.h5)")
     ep.add_argument("--suite", help="suite name: a recipe (embedded-test, embedded-valid) or a new name")
     ep.add_argument("--n", type=int, help="episodes per source (default: the recipe's, else 600)")
     ep.add_argument("--seed", type=int, default=0, help="seed of the episode stream (default 0)")

@@ -105,3 +105,38 @@ def test_bad_episode_files_are_one_sentence(glyphs, tmp_path):
     fails({"source": "glyphs", "support": ok_support}, "has no query images")
     fails({"source": "glyphs", "support": [["alphabet_a/character01", 40, 0]], "query": ok_support[:1]},
           "has 6 images, so index 40 does not exist")
+
+
+def test_meta_datasets_dumped_episodes_import_and_evaluate(tmp_path, capsys):
+    from helpers_md import encode, example_bytes, write_tfrecord
+
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    truth = {}
+    for ep, way in enumerate((3, 2)):
+        for role, per_class in (("train", 2), ("test", 3)):
+            records = []
+            for label in range(way):
+                for i in range(per_class):
+                    img = np.full((20, 20, 3), 30 * label + 7 * i + 50 * ep, dtype=np.uint8)
+                    truth[(ep, role, label, i)] = img
+                    records.append(example_bytes(encode(img), label))
+            write_tfrecord(dump / f"episode-{ep:04d}-{role}.tfrecords", records[::-1])  # labels not in order
+    data = tmp_path / "data"
+    assert main(["episodes", "import", str(dump), "--name", "md-dumped", "--format", "md-dump", "--out",
+                 str(tmp_path), "--data-out", str(data), "--image-size", "20"]) == 0
+    assert "Imported suite md-dumped: 2 episodes" in capsys.readouterr().out
+    suite = load_suite(tmp_path / "md-dumped.json")
+    from episodes.readers.hdf5 import PackedHDF5
+
+    episodes = SuiteEpisodeSet(suite, [PackedHDF5(data / "md-dumped.h5", name="md-dumped", domain="ood")])
+    first = episodes[0]
+    assert first.way == 3 and first.support_y.tolist() == [0, 0, 1, 1, 2, 2] and len(first.query_y) == 9
+    support = {tuple(first.support_x[k, :, 0, 0].tolist()) for k in range(6)}
+    assert support == {tuple(truth[(0, "train", lab, i)][0, 0].tolist()) for lab in range(3) for i in range(2)}
+    assert episodes[1].way == 2
+    (dump / "episode-0001-test.tfrecords").unlink()
+    with pytest.raises(SuiteError, match="episode 1 has no query"):
+        from episodes.md_dump import read_dump_files
+
+        read_dump_files(dump)
