@@ -17,7 +17,8 @@ __all__ = ["main"]
 log = logging.getLogger("metabench")
 
 OVERRIDES_HELP = (
-    "config overrides as dotted key=value pairs, applied last, e.g. eval.episodes=100 data.image_size=128 "
+    "config overrides as dotted key=value pairs, applied last (`metabench config --list` shows every key), e.g. "
+    "eval.episodes=100 data.image_size=128 "
     "learner.scale=10 data.sampler.mode=fixed data.sampler.way=5 data.sampler.use_bilevel_hierarchy=false; unknown "
     "keys are an error"
 )
@@ -158,6 +159,30 @@ def cmd_ls(args: argparse.Namespace) -> int:
         table.add_column(col)
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from metabench.config import load_config
+    from metabench.config_help import config_keys
+
+    flags: dict = {"learner": {"name": args.learner or "pre"}}
+    if args.preset:
+        flags["preset"] = args.preset
+    cfg = load_config(flags=flags)
+    if not sys.stdout.isatty():  # piped: one plain line per key, easy to grep
+        for row in config_keys(cfg):
+            print(f"{row['key']} ({row['type']}) = {row['default']}" + (f"  # {row['help']}" if row["help"] else ""))
+        return 0
+    table = Table(title=f"config keys (learner {cfg.learner.name}, preset {cfg.preset}; set any as key=value)")
+    for col in ("key", "type", "value", "help"):
+        table.add_column(col, overflow="fold")
+    for row in config_keys(cfg):
+        table.add_row(row["key"], row["type"], row["default"], row["help"])
     Console().print(table)
     return 0
 
@@ -366,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report, plugin=[])
     _episodes_parser(sub)
     _data_parser(sub)
+
+    cf = sub.add_parser("config", help="list every config key with its type, value and help",
+                        description="Every key a run takes (set it as key=value or in a YAML file), with its value "
+                        "under the given learner and preset and the help written beside it in the code.")
+    cf.add_argument("--list", action="store_true", help="list the keys (the default action)")
+    cf.add_argument("--learner", help="include this learner's own options (learner.*); default: pre")
+    cf.add_argument("--preset", help="values under this preset (cpu, gpu, paper); default: auto")
+    _plugin_arg(cf)
+    cf.set_defaults(func=cmd_config)
 
     ls = sub.add_parser("ls", help="list registered learners, backbones or data sources")
     ls.add_argument("what", choices=["learners", "backbones", "sources"], help="which registry to list")

@@ -30,3 +30,17 @@ def test_learners_listed_from_source_equal_the_listing_after_import() -> None:
     for name in LEARNERS.names():
         LEARNERS.get(name)  # imports every learner: the listing now comes from the classes
     assert catalog("learners") == static
+
+
+def test_config_list_shows_every_key_with_its_help(capsys) -> None:
+    from metabench.cli import main
+    from metabench.config import RunConfig
+    from metabench.config_help import config_keys
+
+    keys = {r["key"]: r for r in config_keys(RunConfig())}
+    assert keys["eval.episodes"]["help"] == "per evaluation source" and keys["eval.episodes"]["default"] == "40"
+    assert "data.sampler.way" in keys and "train.tasks_per_update" in keys
+    assert "meta-batch" in keys["train.tasks_per_update"]["help"]
+    assert main(["config", "--list", "--learner", "smat"]) == 0
+    out = capsys.readouterr().out
+    assert "learner.sparsity" in out and "mask_allocation" in out

@@ -19,17 +19,18 @@ class SMATConfig(LearnerConfig):
     target: str = r".*"  # regex fully matching backbone parameter names (e.g. "model.blocks.0.attn.qkv.weight")
     layer_types: list[str] | None = None  # subset of sparse_experts.LAYER_TYPES; None: every layer
     structured: bool = False  # one gate per Linear input column / conv output channel (advised for ViT-B/L);
-    # a structured gate's learning rate is mask_lr / (entries it covers), so one mask_lr suits both modes
+        # a structured gate's learning rate is mask_lr / (entries it covers), so one mask_lr suits both modes
     sparsity: float = 0.9  # tau: each expert keeps at most 1 - tau of its entries (ViT-S 0.9, ViT-B 0.95)
     sparsity_scope: str = "expert"  # expert (SMAT) | global (SIMoE: one constraint on the mean density)
     sparsity_warmup: float = 0.0  # share of the updates over which the target ramps (cubically) from 0 to tau
     constraint_weighting: str = "uniform"  # uniform (ours) | alpha: each expert's L0 and Lagrangian terms times the
-    # task's alpha_m, as upstream (multipliers then rise ~M times slower; see smat_losses)
+        # task's alpha_m, as upstream (multipliers then rise ~M times slower; see smat.losses)
     mask_init_mean: float = 0.0
     mask_init_std: float = 0.5
     mask_noise: bool = False  # sample hard-concrete noise in training (upstream: off)
     mask_allocation: str | None = None  # smat_random / smat_magnitude: a trained SMAT run folder (or its
-    # probes/mask_stats.parquet) whose per-expert, per-tensor densities the fixed masks copy; None: 1 - tau everywhere
+        # probes/mask_stats.parquet) whose per-expert, per-tensor densities the fixed masks copy;
+        # None: 1 - tau everywhere
     ortho_weight: float = 0.0  # SIMoE's mask orthogonality penalty
     router_tokens: int = 4
     router_heads: int = 4
@@ -48,7 +49,7 @@ class SMATConfig(LearnerConfig):
     teacher_lr: float = 5e-3
     teacher_data: str = "query"  # query (upstream: uses the query labels) | support
     head_step: bool = False  # the inner and teacher SGD steps also move the prototype head (upstream: ProtoMAML's
-    # head is a fast weight); False keeps the prototypes of theta_i as the head
+        # head is a fast weight); False keeps the prototypes of theta_i as the head
     kd_pretrained: bool = True  # also distil from the frozen pretrained ProtoNet (upstream code; not in the paper text)
     delta_optimizer: str = "sgd"  # sgd (paper: momentum SGD) | adamw (moves every unmasked entry from update 1)
     delta_lr: float = 1e-4  # ViT-B/L: 5e-4
@@ -62,13 +63,13 @@ class SMATConfig(LearnerConfig):
     router_weight_decay: float = 1e-2
     router_clip: float = 1.0
     schedule: str = "warmup_cosine"  # warmup_cosine (ours): warm-up over warmup_fraction, cosine to 0, multipliers
-    # unscheduled | upstream_epochs: every group, multipliers included, on upstream's per-epoch schedule
+        # unscheduled | upstream_epochs: every group, multipliers included, on upstream's per-epoch schedule
     warmup_fraction: float = 0.1  # warmup_cosine: share of the updates spent warming up
     schedule_epochs: int = 25  # upstream_epochs: the run is split into this many epochs (ViT-S trains 25 ...
     schedule_total_epochs: int = 50  # ... of a schedule spanning 50: it ends at 0.62x the peak rate)
     schedule_warmup_epochs: int = 5
     schedule_first_lr: float = 1e-6  # upstream_epochs: the first epoch's absolute rate (delta, masks, multipliers;
-    # the router's factor is 0 then, as upstream's warm-up gives it)
+        # the router's factor is 0 then, as upstream's warm-up gives it)
     batch_size: int = 128  # images per backbone forward
 
     def __post_init__(self) -> None:
