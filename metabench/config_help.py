@@ -32,6 +32,7 @@ def _field_comments(cls: type) -> dict[str, str]:
         if line.startswith("    ") and not line.startswith("     ") and head.isidentifier() and ":" in line:
             line_field[line_no] = head
     last: str | None = None  # the field whose comment a deeper-indented comment line continues
+    continued: set[int] = set()  # lines that continue a field's comment
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type != tokenize.COMMENT:
             continue
@@ -40,9 +41,9 @@ def _field_comments(cls: type) -> dict[str, str]:
         if name is not None:  # a comment beside a field
             comments[name] = " ".join([*pending, text]).strip()
             pending, last = [], name
-        elif tok.start[1] > 4 and last is not None and tok.start[0] - 1 in (*line_field, *_continued):
+        elif tok.start[1] > 4 and last is not None and tok.start[0] - 1 in (*line_field, *continued):
             comments[last] += " " + text  # the beside-comment goes on under the field
-            _continued.add(tok.start[0])
+            continued.add(tok.start[0])
         else:  # a comment above the next field
             pending.append(text)
             last = None
@@ -50,11 +51,7 @@ def _field_comments(cls: type) -> dict[str, str]:
             if nxt is not None:
                 comments[nxt] = " ".join(pending)
                 pending = []
-    _continued.clear()
     return comments
-
-
-_continued: set[int] = set()
 
 
 def _type_name(tp: Any) -> str:
