@@ -14,6 +14,7 @@ from metabench.backbones import create_backbone
 from metabench.learners.smat.losses import LagrangianSparsity, distillation
 from metabench.nn.sparse_experts import (
     L0_SHIFT,
+    EvaluationMerge,
     GateCache,
     SparseInterpolatedExperts,
     classify,
@@ -117,6 +118,28 @@ def test_gate_cache_gives_the_same_mask_gradient_as_direct_autograd(vit) -> None
         functional_call(vit, experts.merged_params(_params(vit), alpha, cache.z), (x,)).square().mean().backward()
     cache.flush()
     assert all(torch.allclose(direct[k], p.grad, atol=1e-6, rtol=1e-4) for k, p in experts.mask_logits.items())
+
+
+@pytest.mark.parametrize(("kind", "structured", "layer_types"), [
+    ("learned", False, None), ("learned", True, None), ("learned", False, ["q", "v"]), ("random", False, None),
+    ("magnitude", True, None), ("dense", False, None)])
+def test_evaluation_merge_equals_the_direct_merge(vit, kind, structured, layer_types) -> None:
+    g = torch.Generator().manual_seed(3)
+    experts = SparseInterpolatedExperts(_params(vit), n_experts=4, kind=kind, structured=structured,
+                                        layer_types=layer_types, init_mean=-1.0, init_std=2.0, generator=g)
+    with torch.no_grad():
+        for d in experts.delta.values():
+            d.normal_(0.0, 0.1, generator=g)
+    merge = EvaluationMerge(experts)
+    for alpha in (torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.0, 0.5, 0.0, 0.5])):
+        direct = experts.merged_params(_params(vit), alpha)
+        fast = merge.merged(_params(vit), alpha)
+        assert fast.keys() == direct.keys()
+        for name in direct:
+            torch.testing.assert_close(fast[name], direct[name], rtol=0, atol=1e-6)
+        masks = experts.merged_masks(alpha, experts.gates()) if kind != "dense" else None
+        assert merge.zero_fraction(alpha) == experts.zero_fraction(masks)
+    assert kind == "dense" or 0 < merge.closed < 1
 
 
 def test_fixed_masks_keep_exactly_the_budget() -> None:

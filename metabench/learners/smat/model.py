@@ -54,7 +54,7 @@ from metabench.learners.smat.losses import LagrangianSparsity, distillation, mak
 from metabench.learners.smat.probes import SMATProbes
 from metabench.nn.heads import class_prototypes, embed
 from metabench.nn.router import TaskRouter
-from metabench.nn.sparse_experts import GateCache, SparseInterpolatedExperts
+from metabench.nn.sparse_experts import EvaluationMerge, GateCache, SparseInterpolatedExperts
 from metabench.probes import read_mask_allocation
 
 __all__ = ["SMAT", "SMATConfig", "SMATState"]
@@ -124,7 +124,7 @@ class SMAT(SMATProbes, PrototypeLearner):
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
         self._lambda_factor: Any = lambda update: 1.0  # the multipliers' rate factor per update (schedule)
         self._scaler: Any = None
-        self._eval_gates: dict[str, Tensor] | None = None  # shared by evaluation tasks until the logits change
+        self._eval_merge: EvaluationMerge | None = None  # shared by evaluation tasks until the experts change
 
     @property
     def learns_masks(self) -> bool:
@@ -348,19 +348,17 @@ class SMAT(SMATProbes, PrototypeLearner):
             prototypes = self._pretrained_prototypes(support.x, support.y, support.way)
             return self.router.alpha(prototypes, self.temperature(), sample=False)[0].float()
 
-    def _evaluation_gates(self) -> dict[str, Tensor] | None:
-        """The gates every evaluation task shares, computed once until the mask logits change (for elementwise
-        masks on a ViT-S, recomputing them cost half a forward pass of a 75-image episode)."""
-        if not self.learns_masks:
-            return self.experts.gates()  # fixed masks are stored; dense experts have none
-        if self._eval_gates is None:
-            self._eval_gates = self.experts.gates()
-        return self._eval_gates
+    def _evaluation_merge(self) -> EvaluationMerge:
+        """What every evaluation task's merge shares, computed once until the experts change (for elementwise
+        masks on a ViT-S, recomputing the gates alone cost half a forward pass of a 75-image episode)."""
+        if self._eval_merge is None:
+            self._eval_merge = EvaluationMerge(self.experts)
+        return self._eval_merge
 
     def invalidate_caches(self) -> None:
-        """Forget the evaluation gates: called by every update, state load and device move; call it after
-        editing the mask logits by hand."""
-        self._eval_gates = None
+        """Forget the evaluation merge: called by every update, state load and device move; call it after
+        editing the delta or the mask logits by hand."""
+        self._eval_merge = None
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self.invalidate_caches()
@@ -372,21 +370,17 @@ class SMAT(SMATProbes, PrototypeLearner):
 
     def _merged(self, alpha: Tensor) -> tuple[dict[str, Tensor], float]:
         """Merged targeted weights and the share of targeted entries the task's merged mask zeroes."""
-        with torch.no_grad():
-            gates = self._evaluation_gates()
-            masks = self.experts.merged_masks(alpha, gates) if gates is not None else None
-            theta = self.experts.merge(self._base(), self.experts.updates(alpha, gates, masks=masks))
-            return theta, self.experts.zero_fraction(masks)
+        merge = self._evaluation_merge()
+        return merge.merged(self._base(), alpha), merge.zero_fraction(alpha)
 
     def _task(self, support: Support) -> tuple[nn.Module, Tensor, float]:
         """(a dense copy of the backbone holding theta_i, the task's expert weights, its merged-mask sparsity)."""
         alpha = self.expert_scores(support)
         theta, sparsity = self._merged(alpha)
-        model = copy.deepcopy(self.backbone)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in theta:
-                    p.copy_(theta[name])
+        # The copy takes the merged tensors as its parameters instead of copying the frozen ones and overwriting them.
+        memo: dict[int, Any] = {id(p): nn.Parameter(theta[n], requires_grad=False)
+                                for n, p in self.backbone.named_parameters() if n in theta}
+        model = copy.deepcopy(self.backbone, memo)
         return model.requires_grad_(False), alpha, sparsity
 
     def task_model(self, support: Support) -> nn.Module:
