@@ -75,6 +75,9 @@ def test_evaluation_pairs_zero_shot_with_the_raw_forward(results: dict[str, dict
     rows = m["zero_shot"]["vit_test"]["learners"]
     assert {"pre", "pmf", "lora", "smat_elementwise", "smat_structured"} == set(rows)
     assert all(r["ratio"] > 0 and r["raw_images_per_s"] > 0 for r in rows.values())
+    assert rows["smat_elementwise"]["limit"] == 0.75  # (S + Q) / (2S + Q) on 5-way 5-shot 10-query episodes
+    shares = [t for t in results["evaluation"]["targets"] if "share of its limit" in t["name"]]
+    assert len(shares) == 2 and all(t["threshold"] == 0.95 and "limit" in t["note"] for t in shares)
     modes = m["fine_tuning"]["vit_test"]["modes"]
     assert set(modes) == {"full", "lora"} and all(r["seconds_per_episode"] > 0 for r in modes.values())
 
