@@ -18,7 +18,7 @@ __all__ = ["FineTune", "FineTuneConfig"]
 
 @dataclass
 class FineTuneConfig(PreConfig):
-    name: str = "finetune"
+    """``pre``'s options: the learners differ only in their default protocol."""
 
 
 @LEARNERS.register("finetune")

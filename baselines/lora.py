@@ -22,7 +22,6 @@ __all__ = ["LoRA", "LoRALearnerConfig"]
 
 @dataclass
 class LoRALearnerConfig(PMFConfig):
-    name: str = "lora"
     lr: float = 1e-3  # adapters start at zero and need a larger step than whole-backbone tuning
     weight_decay: float = 0.01
     rank: int = 8  # SMAT's LoRA setting: r 8, alpha 32, dropout 0.1

@@ -27,7 +27,6 @@ __all__ = ["PMF", "PMFConfig"]
 
 @dataclass
 class PMFConfig(LearnerConfig):
-    name: str = "pmf"
     # PMF used 5e-4 (AdamW, batch 1, 100 epochs x 2,000 episodes); 1e-4 is gentler on the short runs this
     # suite also makes, where a 5% warm-up lasts only a few updates. Set learner.lr=5e-4 for the paper.
     lr: float = 1e-4

@@ -19,7 +19,6 @@ __all__ = ["Pre", "PreConfig"]
 
 @dataclass
 class PreConfig(LearnerConfig):
-    name: str = "pre"
     scale: float = 10.0  # cosine-logit temperature (10 as in PMF and SMAT)
 
 

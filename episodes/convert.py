@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ import h5py
 import numpy as np
 import torch
 
-import metabench
 from episodes.atomic import atomic_path
 from episodes.loader import resize_uint8
 from episodes.readers.base import Source
@@ -80,8 +80,16 @@ def _write_attrs(f: h5py.File, source: Source, store: str, size: int) -> None:
     f.attrs.update({
         "format": FORMAT, "format_version": FORMAT_VERSION, "source": source.name, "domain": source.domain,
         "store": store, "image_size": size, "spec": source.spec.to_json(), "reader": type(source).__name__,
-        "metabench_version": metabench.__version__,
+        "metabench_version": _version(),
     })
+
+
+def _version() -> str:
+    """The installed distribution's version (the data layer does not import the core package for it)."""
+    try:
+        return version("metabench")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _classes(source: Source, progress: bool) -> Iterator[int]:

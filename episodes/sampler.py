@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -33,7 +34,8 @@ __all__ = [
     "sample_support_set_size",
 ]
 
-MODES = ("variable", "fixed", "any")
+SamplerMode = Literal["variable", "fixed", "any"]
+MODES: tuple[str, ...] = get_args(SamplerMode)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class SamplerConfig:
     to False (classes are then drawn uniformly over the split) or sampling stops with an error.
     """
 
-    mode: str = "variable"
+    mode: SamplerMode = "variable"
     way: int = 5
     shot: int = 5
     query: int = 15

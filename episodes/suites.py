@@ -30,11 +30,11 @@ from typing import Any
 from episodes.atomic import atomic_write
 from episodes.loader import EpisodePlan, EpisodeSet
 from episodes.readers.base import Source
+from episodes.registry import suggest
 from episodes.sampler import SamplerConfig
 from episodes.spec import DatasetSpec, parse_split
 from episodes.split import Split
 from episodes.suite_format import SuiteError, plan_from_json, plan_to_json
-from metabench.registry import suggest
 
 __all__ = [
     "RECIPES",

@@ -27,8 +27,7 @@ from metabench.nn.heads import class_prototypes, embed
 
 
 @dataclass
-class ProtoLinearConfig(LearnerConfig):
-    name: str = "protolinear"
+class ProtoLinearConfig(LearnerConfig):  # its name comes from the registration below
     dim: int = 64  # size of the learned embedding
     lr: float = 1e-3
 

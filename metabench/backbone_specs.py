@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from metabench.registry import Registry
+from episodes.registry import Registry
 
 __all__ = ["BACKBONES", "PACKAGE_FILES", "BackboneSpec"]
 

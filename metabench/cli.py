@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+from episodes.registry import load_plugins
 from metabench.cli_data import data_parser, episodes_parser, plugin_arg, source_config_args
 from metabench.config import ConfigError
-from metabench.registry import load_plugins
 
 __all__ = ["main"]
 
@@ -163,10 +163,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from metabench.config import load_config
+    from metabench.config import DEFAULT_LEARNER, load_config
     from metabench.config_help import config_keys
 
-    flags: dict = {"learner": {"name": args.learner or "pre"}}
+    flags: dict = {"learner": {"name": args.learner or DEFAULT_LEARNER}}
     if args.preset:
         flags["preset"] = args.preset
     cfg = load_config(flags=flags)
@@ -288,7 +288,7 @@ def _run_guarded(args: argparse.Namespace, *, debug: bool) -> int:
     unfinished one with results is kept, marked "failed" or "interrupted", for ``run --resume``.
     Anything else is a bug: its traceback is shown (as is every traceback with -v or METABENCH_DEBUG).
     """
-    from metabench.registry import RegistryError
+    from episodes.registry import RegistryError
     from metabench.results import ResultsError, watch_run_folders
 
     with watch_run_folders() as runs:

@@ -8,28 +8,39 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from episodes.configured import SourceSettings
+from episodes.registry import suggest
 from episodes.sampler import SamplerConfig
-from metabench.registry import suggest
+from metabench.presets import PRESETS, PresetName
 
 __all__ = [
     "BackboneConfig",
     "ConfigError",
+    "DEFAULT_LEARNER",
     "DataConfig",
     "EVAL_MODES",
     "EvalConfig",
+    "EvalMode",
+    "FineTuneSettings",
+    "LR_SELECTIONS",
     "LearnerConfig",
+    "OPTIMIZERS",
     "PRESETS",
     "RunConfig",
     "TrainConfig",
+    "check_choices",
+    "choice_error",
+    "choices_of",
     "load_config",
     "load_data_config",
     "to_yaml",
@@ -40,11 +51,19 @@ class ConfigError(ValueError):
     """A configuration problem, stated in one sentence for a person."""
 
 
+#: The learner a run uses when none is named.
+DEFAULT_LEARNER = "pre"
+
+
 @dataclass
 class LearnerConfig:
-    """Base of every learner's options; a learner subclasses it as ``Learner.Config``."""
+    """Base of every learner's options; a learner subclasses it as ``Learner.Config``.
 
-    name: str = "pre"
+    ``name`` is the learner's registry name (``metabench.learners``), filled in when the config is built
+    (``load_config``, ``create_learner``), so a learner is named in one place: where it registers.
+    """
+
+    name: str = ""  # the learner, from `metabench ls learners` (set from the registry name)
     # Keep BatchNorm running statistics (and their eval-mode use) from pretraining during meta-training,
     # so a few training domains do not shift them away from what test domains need (ViTs have none).
     freeze_batchnorm: bool = True
@@ -84,10 +103,17 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  # ... and whenever this much time passed since the last one (0: never by time)
 
 
+# Keys with a fixed set of values are typed Literal[...]: the merge rejects any other value, and _one_line words
+# the error (key, value, choices). The tuples below are those choices, for code that loops over them.
 #: Evaluation protocols: "zero_shot" (prototypes only), "full" and "lora" (test-time fine-tuning, metabench.finetuning).
-EVAL_MODES: tuple[str, ...] = ("zero_shot", "full", "lora")
-LR_SELECTIONS: tuple[str, ...] = ("valid", "support", "fixed")
-OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
+EvalMode = Literal["zero_shot", "full", "lora"]
+LrSelection = Literal["valid", "support", "fixed"]
+Optimizer = Literal["adam", "adamw", "sgd"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+LoraQkv = Literal["qkv", "qv", "qk", "kv", "q", "k", "v"]
+EVAL_MODES: tuple[str, ...] = get_args(EvalMode)
+LR_SELECTIONS: tuple[str, ...] = get_args(LrSelection)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 #: Default LoRA targets: the Linear layers of every ViT block (a bare "proj" would also catch the
 #: patch-embedding Conv2d) and, for timm's EfficientNet/MobileNet family, the 1x1 convolutions of every
 #: block plus the head conv (depthwise convolutions keep no low-rank structure worth adapting).
@@ -96,87 +122,60 @@ LORA_TARGET = (r"(.*\.)?blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 
 
 @dataclass
-class EvalConfig:
-    """Evaluation episodes and protocols. Fields shared by name with ``metabench.finetuning.FineTuneOptions``
-    (optimizer ... lora_lr_scale, batch_size) are copied into it."""
+class FineTuneSettings:
+    """How test-time fine-tuning trains: the options shared by ``EvalConfig`` (as ``eval.<key>``) and
+    ``metabench.finetuning.FineTuneOptions``, declared once here; a new fine-tuning option goes here.
+
+    The learning rate is not among them: a run may leave ``eval.lr`` unset (chosen from ``eval.lr_grid``),
+    while fine-tuning itself always needs one.
+    """
+
+    batch_size: int = 128  # images per backbone forward when embedding an episode (and pseudo-queries per fine-tuning
+        # step: a random subset when the support set is larger)
+    optimizer: Optimizer = "adam"  # adam (PMF: Adam, no weight decay) | adamw (SMAT: AdamW, 0.01) | sgd
+    weight_decay: float = 0.0
+    augment: bool = True  # pseudo-queries are DiffAugment views of the support set (else the clean images)
+    augment_prob: float = 0.9  # chance an image gets colour + translation
+    flip_prob: float = 0.5
+    lora_rank: int = 8  # SMAT's LoRA: r 8, alpha 32, dropout 0.1, lr x 10
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_target: str = LORA_TARGET  # regex fully matching the module names that get adapters
+    lora_lr_scale: float = 10.0  # LoRA mode trains adapters at lr * lora_lr_scale (SMAT)
+    lora_qkv: LoraQkv = "qkv"  # outputs of a fused qkv layer its adapter updates; "qv": query and value only (SMAT)
+
+
+@dataclass
+class EvalConfig(FineTuneSettings):
+    """Evaluation episodes and protocols, and the fine-tuning options (``FineTuneSettings``) of its modes."""
 
     episodes: int = 40  # per evaluation source
     # per source when the backbone starts from random init (no weights offline): such a run checks the pipeline, not
     # the method, so fewer episodes say as much; 0 keeps eval.episodes
     episodes_random_init: int = 5
-    split: str = "test"
+    split: Literal["train", "valid", "test"] = "test"
     suite: str | None = None  # a frozen episode list (`metabench episodes ls`); None samples episodes from the seed
-    modes: list[str] | None = None  # zero_shot | full | lora; None: the learner's default_modes
+    modes: list[EvalMode] | None = None  # zero_shot | full | lora; None: the learner's default_modes
     steps: int = 10  # fine-tuning steps of the full and lora modes (zero_shot rows always have steps 0)
-    batch_size: int = 128  # images per backbone forward when embedding an episode (and per fine-tuning step)
     lr: float | None = None  # fine-tuning learning rate; None: choose it from lr_grid as lr_selection says
-    lr_selection: str = "valid"  # valid (per source on validation episodes, else support) | support | fixed
+    lr_selection: LrSelection = "valid"  # valid (per source on validation episodes, else support) | support | fixed
     lr_grid: list[float] = field(default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3])
     lr_valid_episodes: int = 5  # validation episodes per source that score each lr of lr_grid
-    optimizer: str = "adam"  # adam (PMF) | adamw (SMAT) | sgd
-    weight_decay: float = 0.0
-    augment: bool = True  # pseudo-queries are DiffAugment views of the support set (else the clean images)
-    augment_prob: float = 0.9  # chance an image gets colour + translation
-    flip_prob: float = 0.5
-    lora_rank: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
-    lora_target: str = LORA_TARGET  # regex fully matching the module names that get adapters
-    lora_lr_scale: float = 10.0  # LoRA mode trains adapters at lr * lora_lr_scale (SMAT)
-    lora_qkv: str = "qkv"  # outputs of a fused qkv layer its adapter updates; "qv": query and value only (SMAT)
 
 
 @dataclass
 class RunConfig:
-    learner: Any = field(default_factory=LearnerConfig)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name=DEFAULT_LEARNER))
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    preset: str = "auto"  # cpu | gpu | paper; auto picks cpu or gpu from the hardware found
+    preset: PresetName = "auto"  # cpu | gpu | paper; auto picks cpu or gpu from the hardware found
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (fp32 on CPU, bf16/fp16 autocast on GPU) | fp32 | bf16 | fp16
+    precision: Precision = "auto"  # auto (fp32 on CPU, bf16/fp16 autocast on GPU) | fp32 | bf16 | fp16
     out_dir: str = "runs"
     run_name: str | None = None
-
-
-# Named settings. "cpu" keeps the default run within minutes on a 2-core machine; "paper" is the
-# SMAT/PMF Meta-Dataset setting (8 training sources, 128 px, 50k tasks, 600 test episodes).
-PRESETS: dict[str, dict[str, Any]] = {
-    # On a CPU, meta-training uses 5-way 5-shot episodes (a variable episode of up to 1,000 images needs
-    # ~10 GB of activations for one backward pass); evaluation keeps Meta-Dataset's variable episodes.
-    "cpu": {
-        # fixed-way episodes ignore class hierarchies (noto's scripts, Omniglot's alphabets), as Meta-Dataset's do
-        "data": {"image_size": 84, "train_sampler": {"mode": "fixed", "way": 5, "shot": 5, "query": 10,
-                                                     "use_bilevel_hierarchy": False, "use_dag_hierarchy": False}},
-        "train": {"episodes": 40},
-        "eval": {"episodes": 15},
-    },
-    "gpu": {"data": {"image_size": 128, "num_workers": 4}, "train": {"episodes": 10000},
-            "eval": {"episodes": 600, "steps": 50}},
-    "paper": {
-        "data": {
-            "image_size": 128,
-            "num_workers": 8,
-            "augment": True,
-            "train_sources": [
-                "ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower",
-            ],
-            "eval_sources": [
-                "ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower",
-                "traffic_sign", "mscoco", "cifar10", "cifar100", "mnist", "sketch", "clipart", "food101", "pets",
-                "cars",
-            ],
-        },
-        "train": {"episodes": 50000, "tasks_per_update": 4, "probe_every": 250, "val_every": 500,
-                  "val_episodes": 120, "val_ood_sources": ["traffic_sign", "mscoco"]},
-        # Test-time fine-tuning as the SMAT code: AdamW (weight decay 0.01), LoRA r 8 / alpha 32 on query and value
-        # only, lr x 10, 50 steps (the rate is still chosen without test labels, eval.lr_selection).
-        "eval": {"episodes": 600, "steps": 50, "optimizer": "adamw", "weight_decay": 0.01,
-                 "lora_target": r"(.*\.)?blocks\.\d+\.attn\.qkv", "lora_qkv": "qv"},
-    },
-}
 
 
 def _auto_preset() -> str:
@@ -195,7 +194,52 @@ def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _one_line(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
+def choices_of(tp: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal[...]`` type allows, also inside ``X | None`` and ``list[X]``; None for other types."""
+    if get_origin(tp) is Literal:
+        return get_args(tp)
+    return next((c for c in map(choices_of, get_args(tp)) if c is not None), None)
+
+
+def choice_error(key: str, value: Any, allowed: tuple[Any, ...], origin: str | None = None) -> ConfigError:
+    """The one sentence for a value outside a key's choices (with the nearest choice, when one is close)."""
+    where = f" in {origin}" if origin else ""
+    hint = suggest(str(value), [str(a) for a in allowed]).replace(" Did you mean", "; did you mean")
+    return ConfigError(f'Config key "{key}"{where} must be one of {", ".join(map(str, allowed))}, '
+                       f'not "{value}"{hint or "."}')
+
+
+def check_choices(obj: Any, prefix: str = "") -> None:
+    """Raise ``choice_error`` when a ``Literal``-typed field of dataclass ``obj`` (or of a dataclass in it) holds
+    a value outside its choices: for configs built in code, which ``load_config``'s merge never saw."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, allowed = getattr(obj, f.name), choices_of(hints.get(f.name))
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}{f.name}.")
+        elif allowed is not None:
+            bad = [v for v in (value if isinstance(value, list) else [value]) if v is not None and v not in allowed]
+            if bad:
+                raise choice_error(f"{prefix}{f.name}", bad[0], allowed)
+
+
+def _bad_choice(schema: DictConfig, layer: DictConfig, key: str, origin: str) -> ConfigError | None:
+    """The error for a value of ``layer`` outside the choices of the ``Literal``-typed ``key`` (as OmegaConf names
+    it: ``eval.modes[1]`` for a list item); None when the key has no choices or the value is no single item."""
+    base = re.sub(r"\[\d+\]$", "", key)
+    parent, _, leaf = base.rpartition(".")
+    node = OmegaConf.select(schema, parent) if parent else schema
+    cls = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return None
+    allowed = choices_of(typing.get_type_hints(cls).get(leaf))
+    value = OmegaConf.select(layer, key, default=None, throw_on_missing=False)
+    if allowed is None or isinstance(value, (DictConfig, ListConfig)) or value in allowed:
+        return None
+    return choice_error(base, value, allowed, origin)
+
+
+def _one_line(err: OmegaConfBaseException, schema: DictConfig, origin: str, layer: DictConfig) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
         keys = _flat_keys(schema)
@@ -204,8 +248,9 @@ def _one_line(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> C
             keys = [".".join([*parts[:3], f.name]) for f in dataclasses.fields(SourceSettings)]
         hint = suggest(key, keys).replace("Did you mean", "did you mean")
         return ConfigError(f'Unknown config key "{key}" in {origin};{hint or " see `metabench run --help`."}')
-    msg = str(getattr(err, "msg", err)).splitlines()[0]
-    return ConfigError(f'Bad value for config key "{key}" in {origin}: {msg}.')
+    msg = str(getattr(err, "msg", err)).splitlines()[0].rstrip(".")
+    return _bad_choice(schema, layer, key, origin) or ConfigError(
+        f'Bad value for config key "{key}" in {origin}: {msg}.')
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
@@ -260,7 +305,7 @@ def _merge_layers(schema: DictConfig, layers: list[tuple[str, DictConfig]]) -> D
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
-            raise _one_line(err, schema, origin) from None
+            raise _one_line(err, schema, origin, layer) from None
     return merged
 
 
@@ -292,12 +337,9 @@ def load_config(
 
     _check_outside_learner(layers)  # a typo outside learner.* fails before torch or a learner is imported
     raw = OmegaConf.merge(*(cfg for _, cfg in layers)) if layers else OmegaConf.create()
-    preset = OmegaConf.select(raw, "preset", default="auto")
+    preset = OmegaConf.select(raw, "preset", default="auto")  # one of PresetName: checked just above
     preset = _auto_preset() if preset == "auto" else preset
-    if preset not in PRESETS:
-        raise ConfigError(f'Unknown preset "{preset}".{suggest(str(preset), list(PRESETS))} '
-                          f'Known: {", ".join(PRESETS)}.')
-    learner_name = OmegaConf.select(raw, "learner.name", default=LearnerConfig.name)
+    learner_name = OmegaConf.select(raw, "learner.name", default=DEFAULT_LEARNER)
 
     from metabench.learners import LEARNERS, learner_config_class  # here: keeps config import light
 
@@ -314,15 +356,7 @@ def load_config(
 
 
 def _check_values(cfg: RunConfig) -> None:
-    """Checks OmegaConf's types cannot express."""
-    if cfg.eval.split not in ("train", "valid", "test"):
-        raise ConfigError(f'Config key "eval.split" must be train, valid or test, not "{cfg.eval.split}".')
-    for mode in cfg.eval.modes or ():
-        if mode not in EVAL_MODES:
-            raise ConfigError(
-                f'Unknown evaluation mode "{mode}" in eval.modes.{suggest(mode, list(EVAL_MODES))} '
-                f"Known: {', '.join(EVAL_MODES)}."
-            )
+    """Checks OmegaConf's types cannot express (choices are Literal types, checked by the merge)."""
     for key in ("data.image_size", "eval.episodes", "eval.batch_size", "train.tasks_per_update",
                 "eval.lr_valid_episodes", "eval.lora_rank"):
         section, name = key.split(".")
@@ -330,17 +364,10 @@ def _check_values(cfg: RunConfig) -> None:
             raise ConfigError(f'Config key "{key}" must be a positive integer.')
     if cfg.train.episodes < 0 or cfg.eval.steps < 0:
         raise ConfigError('Config keys "train.episodes" and "eval.steps" must not be negative.')
-    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f'Config key "precision" must be auto, fp32, bf16 or fp16, not "{cfg.precision}".')
     _check_fine_tuning(cfg.eval)
 
 
 def _check_fine_tuning(ev: EvalConfig) -> None:
-    for key, known in (("lr_selection", LR_SELECTIONS), ("optimizer", OPTIMIZERS)):
-        value = getattr(ev, key)
-        if value not in known:
-            raise ConfigError(f'Config key "eval.{key}" must be one of {", ".join(known)}, '
-                              f'not "{value}".{suggest(value, list(known))}')
     if any(m != "zero_shot" for m in ev.modes or ()) and ev.steps == 0:
         raise ConfigError("eval.modes has a fine-tuning mode but eval.steps=0; set eval.steps to a positive number.")
     if ev.lr is None and ev.lr_selection == "fixed":
@@ -348,8 +375,6 @@ def _check_fine_tuning(ev: EvalConfig) -> None:
     if not ev.lr_grid or min(ev.lr_grid) < 0 or (ev.lr is not None and ev.lr < 0):
         raise ConfigError('Config keys "eval.lr" and "eval.lr_grid" need non-negative learning rates '
                           "(and a non-empty grid).")
-    if not ev.lora_qkv or set(ev.lora_qkv) - set("qkv"):
-        raise ConfigError(f'Config key "eval.lora_qkv" must name some of q, k, v (e.g. qv), not "{ev.lora_qkv}".')
     for key in ("augment_prob", "flip_prob", "lora_dropout"):
         if not 0 <= getattr(ev, key) <= 1:
             raise ConfigError(f'Config key "eval.{key}" must be a probability between 0 and 1.')

@@ -55,6 +55,8 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:  # a choice: its values say more than "Literal"
+        return " | ".join(map(str, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

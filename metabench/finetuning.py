@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from episodes.episode import Support
-from metabench.config import EVAL_MODES, LORA_TARGET, OPTIMIZERS, EvalConfig
+from metabench.config import EVAL_MODES, OPTIMIZERS, EvalConfig, FineTuneSettings
 from metabench.nn.batchnorm import freeze_batchnorm_stats
 from metabench.nn.diff_augment import diff_augment
 from metabench.nn.heads import class_prototypes, embed
@@ -49,37 +49,24 @@ log = logging.getLogger(__name__)
 FINE_TUNING_MODES: tuple[str, ...] = tuple(m for m in EVAL_MODES if m != "zero_shot")
 
 
-@dataclass(frozen=True)
-class FineTuneOptions:
-    """How ``fine_tune`` trains; the number of steps is the caller's (it is part of the protocol).
-
-    Fields with the same name as an ``EvalConfig`` field are filled from it by ``from_eval``.
+@dataclass
+class FineTuneOptions(FineTuneSettings):
+    """How ``fine_tune`` trains: the run's ``FineTuneSettings`` (``eval.*``, see ``from_eval``), a learning rate and
+    what a run does not set. The number of steps is the caller's (it is part of the protocol). Treat it as
+    immutable (``with_lr``, ``dataclasses.replace``): one options object serves many tasks.
     """
 
     lr: float = 1e-4  # PMF's README example (ada_lr 1e-4); evaluation runs choose it, see lr_selection
-    optimizer: str = "adam"  # adam (PMF: Adam, no weight decay) | adamw (SMAT: AdamW, 0.01) | sgd
-    weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    augment: bool = True  # pseudo-queries are DiffAugment views of the support images (else the clean images)
-    augment_prob: float = 0.9
-    flip_prob: float = 0.5
     translation: float = 0.125  # largest shift, as a fraction of the image size
-    lora_rank: int = 8  # SMAT's LoRA: r 8, alpha 32, dropout 0.1, lr x 10
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
-    lora_target: str = LORA_TARGET
-    lora_lr_scale: float = 10.0
-    lora_qkv: str = "qkv"  # which of a fused qkv layer's q, k, v outputs its adapter updates (SMAT: "qv")
-    batch_size: int = 128  # pseudo-queries per step (a random subset when the support set is larger)
     seed: int = 0  # seeds the augmentation generator, so a task always gets the same pseudo-queries
 
     @classmethod
     def from_eval(cls, ev: EvalConfig, **overrides: Any) -> FineTuneOptions:
-        """Options from the shared fields of ``ev`` (``ev.lr`` only when it is set), then ``overrides``."""
-        shared = {f.name: getattr(ev, f.name) for f in fields(cls) if f.name != "lr" and hasattr(ev, f.name)}
-        if ev.lr is not None:
-            shared["lr"] = ev.lr
-        return cls(**{**shared, **overrides})
+        """Options from the ``FineTuneSettings`` of ``ev`` (and ``ev.lr`` when it is set), then ``overrides``."""
+        shared = {f.name: getattr(ev, f.name) for f in fields(FineTuneSettings)}
+        lr = {} if ev.lr is None else {"lr": ev.lr}
+        return cls(**{**shared, **lr, **overrides})
 
     def with_lr(self, lr: float) -> FineTuneOptions:
         return dataclasses.replace(self, lr=float(lr))

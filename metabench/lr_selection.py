@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from episodes.episode import Episode, Support
-from metabench.config import EvalConfig
+from metabench.config import LR_SELECTIONS, EvalConfig
 from metabench.finetuning import EvalProtocol, FineTuneOptions
 
 if TYPE_CHECKING:
@@ -114,8 +114,8 @@ class LrSelector:
 
     def __init__(self, method: str, options: FineTuneOptions, grid: Sequence[float],
                  fixed: float | None = None) -> None:
-        if method not in ("valid", "support", "fixed"):
-            raise ValueError(f'lr selection method must be valid, support or fixed, not "{method}".')
+        if method not in LR_SELECTIONS:  # a config's value is checked on loading; this one may come from code
+            raise ValueError(f'lr selection method must be one of {", ".join(LR_SELECTIONS)}, not "{method}".')
         if method == "fixed" and fixed is None:
             raise ValueError("lr selection method fixed needs a learning rate (eval.lr).")
         self.method = "fixed" if fixed is not None else method

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from episodes.registry import RegistryError
 from metabench import backbones as bb
 from metabench.backbones import (
     BACKBONES,
@@ -25,7 +26,6 @@ from metabench.backbones import (
     list_backbones,
     load_state_dict_file,
 )
-from metabench.registry import RegistryError
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from scipy.spatial.distance import cdist
 from episodes.readers import SOURCES, Source, glyphs
 from episodes.readers.embedded import NotoGlyphs, SklearnDigits
 from episodes.readers.mnist import MNIST, FashionMNIST, IdxTestSet, read_idx
+from episodes.registry import RegistryError
 from episodes.split import Split
-from metabench.registry import RegistryError
 
 SMALL = dict(scripts=["latin", "telugu", "greek"], instances=6)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from episodes.episode import Episode, Split, Support
 from metabench.backbones import create_backbone
-from metabench.config import EvalConfig, load_config
+from metabench.config import EvalConfig, FineTuneSettings, load_config
 from metabench.engine import EvalContext, evaluate
 from metabench.finetuning import EvalProtocol, FineTuneOptions, fine_tune, merge_adapters, plan_protocols, prepare
 from metabench.learners import create_learner
@@ -61,13 +61,14 @@ def test_plan_protocols_crosses_modes_and_steps() -> None:
 
 
 def test_options_come_from_the_shared_eval_config_fields() -> None:
-    shared = {f.name for f in dataclasses.fields(FineTuneOptions)} & {f.name for f in dataclasses.fields(EvalConfig)}
-    assert {"lr", "optimizer", "augment", "lora_rank", "lora_target", "lora_lr_scale", "batch_size"} <= shared
-    defaults_ft, defaults_ev = FineTuneOptions(), EvalConfig()
-    assert all(getattr(defaults_ft, k) == getattr(defaults_ev, k) for k in shared - {"lr"})
+    assert issubclass(EvalConfig, FineTuneSettings) and issubclass(FineTuneOptions, FineTuneSettings)
+    shared = {f.name for f in dataclasses.fields(FineTuneSettings)}
+    assert {"optimizer", "augment", "lora_rank", "lora_target", "lora_lr_scale", "batch_size"} <= shared
     ev = dataclasses.replace(EvalConfig(), optimizer="sgd", lora_rank=4, lr=3e-4)
     opts = FineTuneOptions.from_eval(ev, seed=7)
     assert (opts.optimizer, opts.lora_rank, opts.lr, opts.seed) == ("sgd", 4, 3e-4, 7)
+    assert all(getattr(opts, k) == getattr(ev, k) for k in shared)
+    assert FineTuneOptions.from_eval(EvalConfig()).lr == FineTuneOptions().lr  # eval.lr unset: the default rate
 
 
 @pytest.mark.parametrize(
@@ -75,8 +76,8 @@ def test_options_come_from_the_shared_eval_config_fields() -> None:
     [
         (["eval.modes=[full]", "eval.steps=0"], "eval.steps to a positive number"),
         (["eval.lr_selection=fixed"], "needs a learning rate"),
-        (["eval.lr_selection=suport"], 'Did you mean "support"?'),
-        (["eval.optimizer=adamax"], 'Config key "eval.optimizer" must be one of'),
+        (["eval.lr_selection=suport"], 'not "suport"; did you mean "support"?'),
+        (["eval.optimizer=adamax"], 'Config key "eval.optimizer" in the key=value overrides must be one of'),
         (["eval.augment_prob=1.5"], "must be a probability"),
         (["eval.lr_grid=[]"], "non-empty grid"),
     ],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Sequence
 
 import h5py
@@ -101,14 +100,6 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     with pytest.raises(RuntimeError, match="simulated"):
         convert_source(_Arrays(fail_at=2), tmp_path / "x.h5", progress=False)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_pickled_reader_reopens(toy, tmp_path):
-    packed = PackedHDF5(convert_source(toy, tmp_path / "toy.h5", progress=False))
-    expected = packed.read(3, [0, 2])  # opens the handle in this process
-    clone = pickle.loads(pickle.dumps(packed))
-    assert clone._h5 is None
-    np.testing.assert_array_equal(clone.read(3, [0, 2]), expected)
 
 
 def test_dataloader_workers_give_the_same_episodes(root, tmp_path):

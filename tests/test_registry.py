@@ -1,12 +1,28 @@
+"""The registry (``episodes.registry``) and the global learner registry built on it."""
+
 from __future__ import annotations
 
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 
+from episodes.registry import Registry, RegistryError, load_plugins
 from metabench.learners import LEARNERS, list_learners
-from metabench.registry import Registry, RegistryError, load_plugins
+
+
+@pytest.fixture()
+def learners() -> Iterator[Registry]:
+    """The global ``LEARNERS``; whatever a test adds to it (and any plugin module it loads) is removed afterwards,
+    pass or fail, so other tests see the registry as it was."""
+    names, modules = set(LEARNERS.names()), set(sys.modules)
+    yield LEARNERS
+    for name in set(LEARNERS.names()) - names:
+        LEARNERS.unregister(name)
+    for module in set(sys.modules) - modules:
+        if module.startswith("metabench_plugin_"):
+            del sys.modules[module]
 
 
 def test_decorator_and_lazy_targets() -> None:
@@ -46,7 +62,7 @@ def test_entry_point_group_adds_learners(monkeypatch: pytest.MonkeyPatch) -> Non
     class FakeEntryPoint:
         name, value = "outside", "collections:Counter"
 
-    import metabench.registry as registry
+    import episodes.registry as registry
 
     monkeypatch.setattr(registry, "entry_points", lambda group: [FakeEntryPoint()] if group == "my.group" else [])
     reg: Registry[object] = Registry("learner", entry_point_group="my.group")
@@ -56,12 +72,23 @@ def test_entry_point_group_adds_learners(monkeypatch: pytest.MonkeyPatch) -> Non
     assert reg.get("outside") is collections.Counter
 
 
+def test_unregister_removes_loaded_and_lazy_entries() -> None:
+    reg: Registry[object] = Registry("thing")
+    reg.register("loaded", 1)
+    reg.register("lazy", "collections:Counter")
+    reg.unregister("loaded")
+    reg.unregister("lazy")
+    assert "loaded" not in reg and "lazy" not in reg and reg.names() == []
+    with pytest.raises(RegistryError, match='thing "loaded" is not registered'):
+        reg.unregister("loaded")
+
+
 def test_builtin_learners_are_listed() -> None:
-    assert "pre" in list_learners()
+    assert {"pre", "pmf", "smat"} <= set(list_learners())  # included, not pinned: adding a learner breaks nothing
     assert LEARNERS.get("pre").__name__ == "Pre"
 
 
-def test_plugin_file_registers_a_learner(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plugin_file_registers_a_learner(tmp_path, learners: Registry) -> None:
     plugin = tmp_path / "my_plugin.py"
     plugin.write_text(textwrap.dedent('''
         from baselines.pre import Pre
@@ -71,25 +98,17 @@ def test_plugin_file_registers_a_learner(tmp_path, monkeypatch: pytest.MonkeyPat
         class PreCopy(Pre):
             """A copy of pre."""
     '''))
-    try:
-        load_plugins([str(plugin)])
-        load_plugins([str(plugin)])  # loading the same file again is harmless
-        assert LEARNERS.get("pre_copy_for_test").__name__ == "PreCopy"
-        with pytest.raises(FileNotFoundError, match="does not exist"):
-            load_plugins([str(tmp_path / "missing.py")])
-    finally:  # leave the global registry as it was for the other tests
-        sys.modules.pop("metabench_plugin_my_plugin", None)
-        LEARNERS.unregister("pre_copy_for_test")
-    assert "pre_copy_for_test" not in LEARNERS
+    load_plugins([str(plugin)])
+    load_plugins([str(plugin)])  # loading the same file again is harmless
+    assert learners.get("pre_copy_for_test").__name__ == "PreCopy"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_plugins([str(tmp_path / "missing.py")])
 
 
-def test_the_learner_registry_checks_the_base_class_and_a_registry_can_freeze() -> None:
-    LEARNERS.register("not_a_learner_for_test", "collections:Counter")
-    try:
-        with pytest.raises(RegistryError, match="is not a subclass of metabench.learners.base.Learner"):
-            LEARNERS.get("not_a_learner_for_test")
-    finally:
-        LEARNERS.unregister("not_a_learner_for_test")
+def test_the_learner_registry_checks_the_base_class_and_a_registry_can_freeze(learners: Registry) -> None:
+    learners.register("not_a_learner_for_test", "collections:Counter")
+    with pytest.raises(RegistryError, match="is not a subclass of metabench.learners.base.Learner"):
+        learners.get("not_a_learner_for_test")
     reg: Registry[object] = Registry("thing")
     reg.register("a", 1)
     reg.freeze()

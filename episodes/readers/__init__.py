@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from episodes.readers.base import Source, cache_dir
-from metabench.registry import Registry
+from episodes.registry import Registry
 
 __all__ = ["SOURCES", "Source", "cache_dir"]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
-from metabench.registry import Registry
+from episodes.registry import Registry
 
 if TYPE_CHECKING:
     from metabench.backbones import Backbone
@@ -43,5 +44,8 @@ def learner_config_class(name: str) -> type[LearnerConfig]:
 
 
 def create_learner(name: str, backbone: Backbone, cfg: LearnerConfig | None = None) -> Learner:
+    """Learner ``name`` on ``backbone``; ``cfg`` (default: its ``Config()``) gets ``name`` when it has none, as the
+    registry name is the only place a learner is named."""
     cls = LEARNERS.get(name)
-    return cls(backbone, cfg if cfg is not None else cls.Config(name=name))
+    cfg = cfg if cfg is not None else cls.Config()
+    return cls(backbone, cfg if cfg.name else dataclasses.replace(cfg, name=name))

@@ -3,28 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from metabench.config import check_choices
 from metabench.learners.base import LearnerConfig
-from metabench.learners.smat.losses import KD_DIRECTIONS
+from metabench.learners.smat.losses import KdDirection
 
 __all__ = ["SMATConfig"]
+
+# The choices of SMAT's string options (checked as the config loads, or by __post_init__ for a config built in code).
+SparsityScope = Literal["expert", "global"]
+Weighting = Literal["uniform", "alpha"]
+TeacherData = Literal["query", "support"]
+DeltaOptimizer = Literal["sgd", "adamw"]
+Schedule = Literal["warmup_cosine", "upstream_epochs"]
 
 
 @dataclass
 class SMATConfig(LearnerConfig):
     """SMAT options; the defaults are the paper's ViT-S settings (DINO ViT-S/16, tau 0.9)."""
 
-    name: str = "smat"
     n_experts: int = 8
     target: str = r".*"  # regex fully matching backbone parameter names (e.g. "model.blocks.0.attn.qkv.weight")
     layer_types: list[str] | None = None  # subset of sparse_experts.LAYER_TYPES; None: every layer
     structured: bool = False  # one gate per Linear input column / conv output channel (advised for ViT-B/L);
         # a structured gate's learning rate is mask_lr / (entries it covers), so one mask_lr suits both modes
     sparsity: float = 0.9  # tau: each expert keeps at most 1 - tau of its entries (ViT-S 0.9, ViT-B 0.95)
-    sparsity_scope: str = "expert"  # expert (SMAT) | global (SIMoE: one constraint on the mean density)
+    sparsity_scope: SparsityScope = "expert"  # expert (SMAT) | global (SIMoE: one constraint on the mean density)
     sparsity_warmup: float = 0.0  # share of the updates over which the target ramps (cubically) from 0 to tau
-    constraint_weighting: str = "uniform"  # uniform (ours) | alpha: each expert's L0 and Lagrangian terms times the
-        # task's alpha_m, as upstream (multipliers then rise ~M times slower; see smat.losses)
+    constraint_weighting: Weighting = "uniform"  # uniform (ours) | alpha: each expert's L0 and Lagrangian terms
+        # times the task's alpha_m, as upstream (multipliers then rise ~M times slower; see smat.losses)
     mask_init_mean: float = 0.0
     mask_init_std: float = 0.5
     mask_noise: bool = False  # sample hard-concrete noise in training (upstream: off)
@@ -44,14 +52,15 @@ class SMATConfig(LearnerConfig):
     inner_steps: int = 1
     kd_weight: float = 0.25  # loss = (1 - w) CE + w KD
     kd_temperature: float = 2.0
-    kd_direction: str = "teacher_student"  # teacher_student: KL(teacher||student) | student_teacher (upstream)
+    kd_direction: KdDirection = "teacher_student"  # teacher_student: KL(teacher||student) | student_teacher (upstream)
     teacher_steps: int = 1  # SGD steps of the dense teacher (0: no task-specific teacher)
     teacher_lr: float = 5e-3
-    teacher_data: str = "query"  # query (upstream: uses the query labels) | support
+    teacher_data: TeacherData = "query"  # query (upstream: uses the query labels) | support
     head_step: bool = False  # the inner and teacher SGD steps also move the prototype head (upstream: ProtoMAML's
         # head is a fast weight); False keeps the prototypes of theta_i as the head
     kd_pretrained: bool = True  # also distil from the frozen pretrained ProtoNet (upstream code; not in the paper text)
-    delta_optimizer: str = "sgd"  # sgd (paper: momentum SGD) | adamw (moves every unmasked entry from update 1)
+    delta_optimizer: DeltaOptimizer = "sgd"  # sgd (paper: momentum SGD) | adamw (moves every unmasked entry from
+        # update 1)
     delta_lr: float = 1e-4  # ViT-B/L: 5e-4
     delta_momentum: float = 0.9  # sgd only
     delta_weight_decay: float = 1e-4
@@ -62,7 +71,7 @@ class SMATConfig(LearnerConfig):
     router_lr: float = 1e-4
     router_weight_decay: float = 1e-2
     router_clip: float = 1.0
-    schedule: str = "warmup_cosine"  # warmup_cosine (ours): warm-up over warmup_fraction, cosine to 0, multipliers
+    schedule: Schedule = "warmup_cosine"  # warmup_cosine (ours): warm-up over warmup_fraction, cosine to 0, multipliers
         # unscheduled | upstream_epochs: every group, multipliers included, on upstream's per-epoch schedule
     warmup_fraction: float = 0.1  # warmup_cosine: share of the updates spent warming up
     schedule_epochs: int = 25  # upstream_epochs: the run is split into this many epochs (ViT-S trains 25 ...
@@ -73,12 +82,7 @@ class SMATConfig(LearnerConfig):
     batch_size: int = 128  # images per backbone forward
 
     def __post_init__(self) -> None:
-        choices = {"sparsity_scope": ("expert", "global"), "kd_direction": KD_DIRECTIONS,
-                   "teacher_data": ("query", "support"), "delta_optimizer": ("sgd", "adamw"),
-                   "constraint_weighting": ("uniform", "alpha"), "schedule": ("warmup_cosine", "upstream_epochs")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f'learner.{key} must be one of {", ".join(allowed)}, not "{getattr(self, key)}".')
+        check_choices(self, "learner.")  # a config built in code (a run's config is checked as it loads)
         if not 0.0 <= self.sparsity < 1.0 or not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError("learner.sparsity must be in [0, 1) and learner.kd_weight in [0, 1].")
         if self.n_experts < 1 or self.inner_steps < 0 or self.teacher_steps < 0:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,12 @@ from torch import Tensor, nn
 
 from metabench.schedules import warmup_cosine
 
-__all__ = ["KD_DIRECTIONS", "LagrangianSparsity", "UpstreamEpochs", "distillation", "make_schedulers"]
+__all__ = ["KD_DIRECTIONS", "KdDirection", "LagrangianSparsity", "UpstreamEpochs", "distillation", "make_schedulers"]
 
 #: ``teacher_student``: KL(teacher || student), the usual distillation direction (default);
 #: ``student_teacher``: KL(student || teacher), what upstream's ``F.kl_div`` call computes.
-KD_DIRECTIONS: tuple[str, ...] = ("teacher_student", "student_teacher")
+KdDirection = Literal["teacher_student", "student_teacher"]
+KD_DIRECTIONS: tuple[str, ...] = get_args(KdDirection)
 
 
 def distillation(student: Tensor, teacher: Tensor, temperature: float, direction: str = "teacher_student") -> Tensor:
