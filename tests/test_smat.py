@@ -203,3 +203,27 @@ def test_sparsity_target_ramps_cubically_during_warmup() -> None:
     lag.set_progress(0.0)
     lag.ascend(torch.tensor([0.5, 0.5]), lr=10.0)
     assert torch.equal(lag.multipliers.detach(), torch.zeros(2))
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_recomputed_gates_train_as_the_gate_cache_does(structured: bool) -> None:
+    """learner.gate_memory=recompute: two meta-updates of two tasks leave every trained tensor where the
+    default (gates cached per update) leaves it, to rounding."""
+    runs = {}
+    for memory in ("cache", "recompute"):
+        learner = _smat(structured=structured, gate_memory=memory, delta_optimizer="adamw", mask_lr=10.0)
+        learner.setup_training(2)
+        torch.manual_seed(5)
+        metrics = [learner.meta_train_step([_episode(2 * i), _episode(2 * i + 1)]) for i in range(2)]
+        runs[memory] = (metrics, {n: p.detach().clone() for n, p in learner.named_parameters() if p.requires_grad})
+    (m_cache, p_cache), (m_rec, p_rec) = runs["cache"], runs["recompute"]
+    assert p_cache.keys() == p_rec.keys()
+    for name in p_cache:
+        torch.testing.assert_close(p_rec[name], p_cache[name], rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(m_cache, m_rec):
+        assert a["sparsity"] == b["sparsity"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+
+
+def test_recomputed_gates_refuse_the_orthogonality_penalty() -> None:
+    with pytest.raises(ValueError, match="gate_memory=cache"):
+        SMATConfig(name="smat", gate_memory="recompute", ortho_weight=0.1)

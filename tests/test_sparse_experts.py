@@ -12,9 +12,9 @@ from torch.func import functional_call
 
 from metabench.backbones import create_backbone
 from metabench.learners.smat.losses import LagrangianSparsity, distillation
+from metabench.nn.expert_merge import EvaluationMerge, recomputed_updates, training_density
 from metabench.nn.sparse_experts import (
     L0_SHIFT,
-    EvaluationMerge,
     GateCache,
     SparseInterpolatedExperts,
     classify,
@@ -118,6 +118,41 @@ def test_gate_cache_gives_the_same_mask_gradient_as_direct_autograd(vit) -> None
         functional_call(vit, experts.merged_params(_params(vit), alpha, cache.z), (x,)).square().mean().backward()
     cache.flush()
     assert all(torch.allclose(direct[k], p.grad, atol=1e-6, rtol=1e-4) for k, p in experts.mask_logits.items())
+
+
+@pytest.mark.parametrize(("structured", "noise", "layer_types"), [
+    (False, False, None), (True, False, None), (False, True, ["q", "v"]), (True, True, None)])
+def test_recomputed_gates_give_the_gate_cache_gradients(vit, structured, noise, layer_types) -> None:
+    """learner.gate_memory=recompute: alpha, delta and mask-logit gradients (and the density) as GateCache's."""
+    experts = SparseInterpolatedExperts(_params(vit), n_experts=3, structured=structured, noise=noise,
+                                        layer_types=layer_types, init_mean=0.5, init_std=2.0,
+                                        generator=torch.Generator().manual_seed(2))
+    for d in experts.delta.values():
+        d.data.normal_(std=0.1, generator=torch.Generator().manual_seed(3))
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    logits = torch.tensor([[0.1, -0.4, 0.9], [1.2, 0.3, -0.2]])
+
+    def grads(merge) -> dict[str, torch.Tensor]:
+        experts.zero_grad()
+        out = {}
+        for i, row in enumerate(logits):
+            leaf = row.clone().requires_grad_()
+            alpha = leaf.softmax(0)
+            functional_call(vit, experts.merge(_params(vit), merge(alpha)), (x,)).square().mean().backward()
+            out[f"alpha{i}"] = leaf.grad
+        return {**out, **{f"delta.{k}": p.grad.clone() for k, p in experts.delta.items()},
+                **{f"logits.{k}": p.grad.clone() for k, p in experts.mask_logits.items() if p.grad is not None}}
+
+    cache = GateCache(experts, noise_seed=7)
+    cached = grads(lambda alpha: experts.updates(alpha, cache.z))
+    experts.zero_grad()
+    cache.flush()
+    cached.update({f"logits.{k}": p.grad.clone() for k, p in experts.mask_logits.items()})
+    recomputed = grads(lambda alpha: recomputed_updates(experts, alpha, 7))
+    assert cached.keys() == recomputed.keys()
+    for key in cached:
+        torch.testing.assert_close(recomputed[key], cached[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert torch.equal(training_density(experts, 7), experts.density(cache.z))
 
 
 @pytest.mark.parametrize(("kind", "structured", "layer_types"), [

@@ -32,7 +32,6 @@ __all__ = [
     "LAYER_TYPES",
     "MASK_KINDS",
     "ExpertTarget",
-    "EvaluationMerge",
     "GateCache",
     "SparseInterpolatedExperts",
     "classify",
@@ -302,69 +301,3 @@ class GateCache:
                 self.experts.accumulate_gate_grad(t, leaf.grad, noise_seed=self.noise_seed)
                 leaf.grad = None
 
-
-class EvaluationMerge:
-    """What the merges of all evaluation tasks share, computed once until the experts change.
-
-    Per target it holds either the experts' own updates ``z_m * delta`` stacked ``[M, *shape]`` (elementwise masks
-    and dense experts), so that a task's weights are one fused matrix-vector product ``theta_pre + E^T alpha``
-    (one pass over M x |theta| instead of four), or the gates of structured masks, which are small and merge as
-    before. It also holds the share of entries every expert closes: with every alpha_m > 0 (a normalised sigmoid)
-    those are exactly the entries a task's merged mask zeroes, so that count needs no pass per task.
-    """
-
-    def __init__(self, experts: SparseInterpolatedExperts) -> None:
-        self.experts = experts
-        with torch.no_grad():
-            gates = experts.gates()
-            self.stacked: dict[str, Tensor] = {}
-            self.gates: dict[str, Tensor] = {}
-            closed = 0
-            for t in experts.targets:
-                delta = experts.delta[t.key].detach()
-                if gates is None:
-                    self.stacked[t.key] = delta
-                    continue
-                z = gates[t.key]
-                if z.shape[1:] == delta.shape:
-                    self.stacked[t.key] = z * delta
-                else:
-                    self.gates[t.key] = z
-                closed += int((z == 0).all(0).sum()) * t.repeat
-            self.closed = closed / experts.total
-
-    def _theta(self, b: Tensor, t: ExpertTarget, alpha: Tensor) -> Tensor:
-        """theta_pre + update of one target's rows ``b``."""
-        if t.key in self.gates:
-            mask = torch.tensordot(alpha.to(self.gates[t.key].dtype), self.gates[t.key], dims=1)
-            return b + (mask * self.experts.delta[t.key]).to(b.dtype)
-        stacked = self.stacked[t.key]
-        if stacked.dtype != b.dtype:
-            return b + torch.tensordot(alpha.to(stacked.dtype), stacked, dims=1).to(b.dtype)
-        flat = stacked.reshape(stacked.shape[0], -1)
-        return torch.addmv(b.reshape(-1), flat.t(), alpha.to(flat.dtype)).view(b.shape)
-
-    def merged(self, base: Mapping[str, Tensor], alpha: Tensor) -> dict[str, Tensor]:
-        """theta_i for merge weights ``alpha`` ``[M]`` (equal to ``experts.merged_params`` up to rounding)."""
-        with torch.no_grad():
-            merged = {}
-            for name, targets in self.experts._by_param.items():
-                b = base[name]
-                if targets[0].rows is None:
-                    merged[name] = self._theta(b, targets[0], alpha)
-                    continue
-                out = b.clone()
-                for t in targets:
-                    start, end = t.rows  # type: ignore[misc]
-                    out[start:end] = self._theta(b[start:end], t, alpha)
-                merged[name] = out
-            return merged
-
-    def zero_fraction(self, alpha: Tensor) -> float:
-        """Share of targeted entries the task's merged mask zeroes (0 for dense experts)."""
-        if self.experts.kind == "dense":
-            return 0.0
-        if bool((alpha > 0).all()):
-            return self.closed
-        gates = self.experts.gates()  # an expert with no weight: count on the merged masks themselves
-        return self.experts.zero_fraction(self.experts.merged_masks(alpha, gates))  # type: ignore[arg-type]

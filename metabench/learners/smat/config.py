@@ -17,6 +17,7 @@ Weighting = Literal["uniform", "alpha"]
 TeacherData = Literal["query", "support"]
 DeltaOptimizer = Literal["sgd", "adamw"]
 Schedule = Literal["warmup_cosine", "upstream_epochs"]
+GateMemory = Literal["cache", "recompute"]
 
 
 @dataclass
@@ -40,6 +41,9 @@ class SMATConfig(LearnerConfig):
         # probes/mask_stats.parquet) whose per-expert, per-tensor densities the fixed masks copy;
         # None: 1 - tau everywhere
     ortho_weight: float = 0.0  # SIMoE's mask orthogonality penalty
+    gate_memory: GateMemory = "cache"  # cache: the update's M x |theta| training gates and their gradient are kept
+        # (gates computed once per update) | recompute: each task's backward recomputes them one tensor at a time
+        # (2 x M x |theta| floats less, about 1.4 GB on an elementwise ViT-S; costs gate passes per task)
     router_tokens: int = 4
     router_heads: int = 4
     router_mlp_ratio: float = 2.0
@@ -90,6 +94,9 @@ class SMATConfig(LearnerConfig):
         if self.constraint_weighting == "alpha" and self.sparsity_scope != "expert":
             raise ValueError("learner.constraint_weighting=alpha needs learner.sparsity_scope=expert (one multiplier "
                              "per expert to weigh).")
+        if self.gate_memory == "recompute" and self.ortho_weight > 0:
+            raise ValueError("learner.gate_memory=recompute keeps no gates for learner.ortho_weight's penalty; "
+                             "use learner.gate_memory=cache with it.")
         if self.schedule_epochs < 1 or self.schedule_total_epochs < 1 or self.schedule_warmup_epochs < 0:
             raise ValueError("learner.schedule_epochs and schedule_total_epochs must be positive, "
                              "schedule_warmup_epochs not negative.")

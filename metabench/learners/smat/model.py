@@ -52,9 +52,10 @@ from metabench.learners.base import ProtoState, PrototypeLearner, TaskState
 from metabench.learners.smat.config import SMATConfig
 from metabench.learners.smat.losses import LagrangianSparsity, distillation, make_schedulers
 from metabench.learners.smat.probes import SMATProbes
+from metabench.nn.expert_merge import EvaluationMerge, recomputed_updates, training_density
 from metabench.nn.heads import class_prototypes, embed
 from metabench.nn.router import TaskRouter
-from metabench.nn.sparse_experts import EvaluationMerge, GateCache, SparseInterpolatedExperts
+from metabench.nn.sparse_experts import GateCache, SparseInterpolatedExperts
 from metabench.probes import read_mask_allocation
 
 __all__ = ["SMAT", "SMATConfig", "SMATState"]
@@ -265,15 +266,19 @@ class SMAT(SMATProbes, PrototypeLearner):
         with torch.no_grad():
             return self.logits(self._features(params, ep.query_x), head)
 
-    def _task_loss(self, ep: Episode, gates: Mapping[str, Tensor] | None, *, sample: bool) -> _TaskOutcome:
-        """The per-task meta-training objective (steps 1-4 of the module docstring)."""
+    def _task_loss(self, ep: Episode, gates: Mapping[str, Tensor] | None, *, sample: bool,
+                   recompute_seed: int | None = None) -> _TaskOutcome:
+        """The per-task meta-training objective (steps 1-4 of the module docstring); ``recompute_seed``: merge
+        with gates recomputed in backward (``learner.gate_memory=recompute``) instead of ``gates``."""
         cfg, way = self.cfg, ep.way
         # labels for benchmarks/training.py's profile; no effect otherwise
         with torch.profiler.record_function("smat.router"):
             pre_prototypes = self._pretrained_prototypes(ep.support_x, ep.support_y, way)
             alpha, router_logits = self.router.alpha(pre_prototypes, self.temperature(), sample)
         with torch.profiler.record_function("smat.merge"):
-            theta = self.experts.merge(self._base(), self.experts.updates(alpha, gates))
+            updates = (self.experts.updates(alpha, gates) if recompute_seed is None
+                       else recomputed_updates(self.experts, alpha, recompute_seed))
+            theta = self.experts.merge(self._base(), updates)
         with torch.profiler.record_function("smat.inner"):
             adapted, prototypes = self._inner_adapt(theta, ep.support_x, ep.support_y, way)
         with torch.profiler.record_function("smat.forward"):
@@ -300,12 +305,14 @@ class SMAT(SMATProbes, PrototypeLearner):
         self.invalidate_caches()  # stale after this update; do not hold M x |theta| gates through training
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+        seed = int(torch.randint(2**31 - 1, ())) if self.learns_masks else 0
+        recompute = self.learns_masks and self.cfg.gate_memory == "recompute"
         with torch.profiler.record_function("smat.masks"):
-            cache = GateCache(self.experts, int(torch.randint(2**31 - 1, ()))) if self.learns_masks else None
-            gates = cache.z if cache is not None else self.experts.gates()
+            cache = GateCache(self.experts, seed) if self.learns_masks and not recompute else None
+            gates = cache.z if cache is not None else (None if recompute else self.experts.gates())
         outcomes = []
         for ep in episodes:
-            outcome = self._task_loss(ep, gates, sample=True)
+            outcome = self._task_loss(ep, gates, sample=True, recompute_seed=seed if recompute else None)
             with torch.profiler.record_function("smat.backward"):
                 self._backward(outcome.loss / len(episodes))
             outcomes.append(outcome)
@@ -313,12 +320,13 @@ class SMAT(SMATProbes, PrototypeLearner):
         weights = (average_tensor(torch.stack([o.alpha for o in outcomes]).mean(0))
                    if self.cfg.constraint_weighting == "alpha" else None)
         with torch.profiler.record_function("smat.masks"):
-            density = self.experts.density(gates)
-            if cache is not None and self.lagrangian is not None:
+            density = training_density(self.experts, seed) if recompute else self.experts.density(gates)
+            if self.learns_masks and self.lagrangian is not None:
                 penalty = self.lagrangian.penalty(self.experts.expected_density(), weights)
-                if self.cfg.ortho_weight > 0:
+                if cache is not None and self.cfg.ortho_weight > 0:
                     penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(cache.z)
                 self._backward(penalty)
+            if cache is not None:
                 cache.flush()
         lr = self.optimizers["delta"].param_groups[0]["lr"]  # the rate this update used
         with torch.profiler.record_function("smat.optimizer"):
