@@ -2,7 +2,7 @@
 
 Training runs first so that the pipeline suite can compare the cached loader with what SMAT
 meta-training consumes in the same run. ``--quick`` fits in about 10 minutes on an idle 2-core CPU;
-on a GPU every suite times on it.
+on a GPU every suite times on it (``--device`` chooses; ``--device cuda`` without CUDA exits with status 2).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import SUITES
-from benchmarks._common import MODES, configure_threads, print_table, write_json
+from benchmarks._common import DEVICES, MODES, configure_threads, device, print_table, use_device, write_json
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -27,6 +27,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", help="pipeline: its generated data (default: $METABENCH_CACHE/benchmark-data)")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 on a busy machine, else torch's)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target fails")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the suites time: auto (the GPU when there is one), cpu or cuda")
     args = p.parse_args(argv)
     args.suites = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(args.suites) - set(SUITES))
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Run the chosen suites; returns their results by name (each also written as JSON)."""
     reason = configure_threads(args.threads)
     out, started, context = Path(args.out), time.perf_counter(), {}
-    print(f"benchmarks: {', '.join(args.suites)} in {args.mode} mode; torch threads: {reason}", flush=True)
+    print(f"benchmarks: {', '.join(args.suites)} in {args.mode} mode on {device()}; torch threads: {reason}",
+          flush=True)
     for suite in args.suites:
         module = importlib.import_module(f"benchmarks.{suite}")
         extra = {"workdir": Path(args.workdir) if args.workdir else None} if suite == "pipeline" else {}
@@ -58,6 +61,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    try:
+        use_device(args.device)  # before any suite: children inherit it
+    except ValueError as e:
+        print(f"python -m benchmarks: {e}", file=sys.stderr)
+        return 2
     results = run(args)
     failed = any(t["passed"] is False for r in results.values() for t in r["targets"])
     return 1 if args.strict and failed else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import os
 import platform
@@ -57,11 +58,38 @@ class Target:
 
 # -- machine ----------------------------------------------------------------------------------------
 
-def device() -> Any:
-    """The device the suites time on: the GPU when there is one, else the CPU."""
+DEVICE_ENV = "METABENCH_BENCH_DEVICE"  # set by ``--device``; child processes inherit it
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+def use_device(name: str) -> None:
+    """Make ``name`` (auto, cpu or cuda) the device of every suite and of the children they start.
+
+    Raises ValueError with one sentence when CUDA is asked for and this PyTorch sees none.
+    """
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in DEVICES:
+        raise ValueError(f'Device "{name}" is unknown; choose from {", ".join(DEVICES)}.')
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but this PyTorch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu or --device auto.")
+    os.environ[DEVICE_ENV] = name
+
+
+def requested_device() -> str:
+    """The ``--device`` choice (auto when none was made, e.g. a suite run on its own)."""
+    return os.environ.get(DEVICE_ENV, "auto")
+
+
+def device() -> Any:
+    """The device the suites time on: ``--device``; auto is the GPU when there is one, else the CPU."""
+    import torch
+
+    name = requested_device()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def machine_info() -> dict[str, Any]:
@@ -148,6 +176,9 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # and cached GPU blocks, so the next setting's peak starts from its own
 
 
 # -- timing -----------------------------------------------------------------------------------------
@@ -179,10 +210,12 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 # -- child processes --------------------------------------------------------------------------------
 
-def spawn(module: str, cfg: Mapping[str, Any], timeout: float = 1800) -> dict[str, Any]:
+def spawn(module: str, cfg: Mapping[str, Any], timeout: float = 1800,
+          extra_env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Run ``python -m benchmarks.<module> --run-config JSON`` in a fresh process; its last stdout line
     is the JSON answer. A fresh process makes peak RSS that configuration's own."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **(extra_env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--run-config", json.dumps(dict(cfg))],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     if out.returncode != 0:
@@ -202,6 +235,26 @@ def fixed_episodes(n: int, *, way: int = 5, shot: int = 5, query: int = 10, imag
     config = SamplerConfig(mode="fixed", way=way, shot=shot, query=query, use_bilevel_hierarchy=False)
     es = EpisodeSet([NotoGlyphs()], "train", config, n, seed=seed, image_size=image_size, per_source=False)
     return [es[i] for i in range(n)]
+
+
+def png_bytes(image: Any, size: int) -> bytes:
+    """One uint8 image (H x W, or H x W x 3) as PNG bytes, resized (bilinear) to ``size`` x ``size``."""
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image)).resize((size, size), Image.Resampling.BILINEAR).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_class_records(path: Path, pngs: Sequence[bytes], label: int) -> None:
+    """One class of a Meta-Dataset source: a TFRecord file of ``tf.train.Example`` (image, label) records."""
+    from tfrecord.writer import TFRecordWriter
+
+    writer = TFRecordWriter(str(path))
+    for png in pngs:
+        writer.write({"image": (png, "byte"), "label": (label, "int")})
+    writer.close()
 
 
 def image_size_of(alias: str) -> int:
@@ -268,12 +321,14 @@ def _fmt(v: Any) -> str:
 
 # -- learners and entry points shared by the suites -------------------------------------------------
 
-def build_learners(alias: str, specs: Mapping[str, tuple[str, dict[str, Any]]], dev: Any) -> dict[str, Any]:
-    """One learner per ``label -> (registry name, options)``, each on its own copy of one backbone."""
+def build_learners(alias: str, specs: Mapping[str, tuple[str, dict[str, Any]]], dev: Any,
+                   image_size: int | None = None) -> dict[str, Any]:
+    """One learner per ``label -> (registry name, options)``, each on its own copy of one backbone
+    (built for ``image_size``, by default ``image_size_of(alias)``)."""
     from metabench.backbones import create_backbone
     from metabench.learners import create_learner, learner_config_class
 
-    backbone = create_backbone(alias, image_size=image_size_of(alias))
+    backbone = create_backbone(alias, image_size=image_size or image_size_of(alias))
     return {label: create_learner(name, copy.deepcopy(backbone), learner_config_class(name)(name=name, **options)
                                   ).to(dev)
             for label, (name, options) in specs.items()}
@@ -293,12 +348,18 @@ def standalone_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 on a busy machine, else torch's)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (the GPU when there is one), cpu or cuda")
     return p
 
 
 def run_standalone(suite: str, args: argparse.Namespace, run: Callable[[Mode, Path], dict[str, Any]],
                    report: Callable[[dict[str, Any]], None]) -> None:
     """Run one suite on its own, print its tables and write ``<out>/<suite>.json``."""
+    try:
+        use_device(getattr(args, "device", "auto"))
+    except ValueError as e:
+        print(f"python -m benchmarks.{suite}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     configure_threads(args.threads)
     result = run("quick" if args.quick else "full", Path(args.out))
     report(result)

@@ -16,7 +16,6 @@ in-RAM reader hold. Peak RSS over a long run (2,000 episodes) gets a fresh proce
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -32,11 +31,13 @@ from benchmarks._common import (
     Target,
     configure_threads,
     peak_rss_mib,
+    png_bytes,
     print_table,
     print_targets,
     rss_mib,
     spawn,
     suite_result,
+    write_class_records,
     write_json,
 )
 
@@ -65,10 +66,6 @@ def _noto(scripts: tuple[str, ...] | None) -> Any:
 
 def _write_formats(work: Path, scripts: tuple[str, ...] | None) -> tuple[Path, Path]:
     """One PNG per image, written both into per-class TFRecords and into a Meta-Album folder."""
-    import numpy as np
-    from PIL import Image
-    from tfrecord.writer import TFRecordWriter
-
     from episodes.episode import Split
 
     noto = _noto(scripts)
@@ -78,15 +75,11 @@ def _write_formats(work: Path, scripts: tuple[str, ...] | None) -> tuple[Path, P
     labels, splits = ["FILE_NAME,CATEGORY,SUPER_CATEGORY"], {s.value: [] for s in Split}
     split_of = {c: s.value for s in Split for c in noto.spec.class_ids(s)}
     for c in range(noto.spec.num_classes):
-        writer = TFRecordWriter(str(tf_dir / f"{c}.tfrecords"))
-        for i, image in enumerate(noto.read(c, range(noto.spec.images_per_class[c]))[..., 0]):
-            buf = io.BytesIO()
-            Image.fromarray(np.asarray(image)).resize((PNG_SIZE, PNG_SIZE), Image.Resampling.BILINEAR).save(
-                buf, format="PNG")
-            writer.write({"image": (buf.getvalue(), "byte"), "label": (c, "int")})
-            (folder / "images" / f"{c:04d}_{i:02d}.png").write_bytes(buf.getvalue())
+        pngs = [png_bytes(image, PNG_SIZE) for image in noto.read(c, range(noto.spec.images_per_class[c]))[..., 0]]
+        write_class_records(tf_dir / f"{c}.tfrecords", pngs, c)
+        for i, png in enumerate(pngs):
+            (folder / "images" / f"{c:04d}_{i:02d}.png").write_bytes(png)
             labels.append(f"{c:04d}_{i:02d}.png,c{c:04d},{noto.classes[c][0]}")
-        writer.close()
         splits[split_of[c]].append(f"c{c:04d}")
     (folder / "labels.csv").write_text("\n".join(labels) + "\n")
     (folder / "splits.json").write_text(json.dumps(splits))

@@ -27,7 +27,8 @@ TARGET_KEYS = {"name", "measured", "threshold", "kind", "unit", "note", "passed"
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("bench")
     threads, env = torch.get_num_threads(), {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",
-                                                                            "METABENCH_BENCH_THREADS_REASON")}
+                                                                            "METABENCH_BENCH_THREADS_REASON",
+                                                                            "METABENCH_BENCH_DEVICE")}
     try:
         assert main(["--mode", "smoke", "--out", str(out), "--threads", "1"]) == 0
     finally:  # the harness sets threads for its whole process: give the other tests theirs back
@@ -95,3 +96,22 @@ def test_distributed_times_one_and_two_ranks(results: dict[str, dict]) -> None:
     (m,) = results["distributed"]["measurements"].values()
     assert m["1_rank"]["tasks_per_s"] > 0 and m["2_ranks"]["tasks_per_s"] > 0
     assert m["speedup"] == pytest.approx(m["2_ranks"]["tasks_per_s"] / m["1_rank"]["tasks_per_s"])
+
+
+def test_paper_times_the_paper_settings_and_runs_end_to_end(results: dict[str, dict]) -> None:
+    m = results["paper"]["measurements"]
+    assert m["skipped"] is None and set(m["timing"]) == {"32", "48"}  # smoke: vit_test at two sizes, on any device
+    for t in m["timing"].values():
+        assert set(t["settings"]) == {"pmf", "lora", "smat_elementwise", "smat_structured"}
+        assert t["tasks_per_step"] == 4 and t["precision"] == "fp32"  # the paper preset's meta-batch; CPU: no autocast
+        assert all(r["tasks_per_s"] > 0 and r["median_s"] > 0 for r in t["settings"].values())
+        assert set(t["ratio_to_pmf"]) == {"lora", "smat_elementwise", "smat_structured"}
+        assert all("peak_mib" not in r for r in t["settings"].values())  # GPU memory only on a GPU
+    e = m["end_to_end"]
+    assert e["status"] == 0 and e["wall_s"] > 0 and e["precision"] == "fp32"
+    assert e["sources"] == ["dtd", "omniglot", "traffic_sign"] and e["rows"] == 3 and e["train_log_lines"] > 0
+    run_dir = Path(e["run_dir"])
+    assert (run_dir / "manifest.json").is_file() and (run_dir / "episodes.parquet").is_file()
+    assert not (run_dir / "checkpoints").exists() and (run_dir.parent / "metabench-run.log").is_file()
+    names = [t["name"] for t in results["paper"]["targets"]]
+    assert "end-to-end paper run: exit status" in names and sum("peak GPU memory" in n for n in names) == 4
