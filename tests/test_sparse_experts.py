@@ -12,7 +12,12 @@ from torch.func import functional_call
 
 from metabench.backbones import create_backbone
 from metabench.learners.smat.losses import LagrangianSparsity, distillation
-from metabench.nn.expert_merge import EvaluationMerge, recomputed_updates, training_density
+from metabench.nn.expert_merge import (
+    EvaluationMerge,
+    expected_density_backward,
+    recomputed_updates,
+    training_density,
+)
 from metabench.nn.sparse_experts import (
     L0_SHIFT,
     GateCache,
@@ -276,3 +281,15 @@ def test_warmup_cosine() -> None:
     assert warmup_cosine(0, warmup=10, total=100) == 0.1
     assert warmup_cosine(9, warmup=10, total=100) == 1.0
     assert warmup_cosine(100, warmup=10, total=100) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_streamed_expected_density_gradient_is_autograds(vit, structured) -> None:
+    experts = SparseInterpolatedExperts(_params(vit), n_experts=3, structured=structured, init_std=2.0,
+                                        generator=torch.Generator().manual_seed(5))
+    grad = torch.tensor([0.7, -1.3, 2.1])
+    experts.expected_density().backward(grad)
+    direct = {k: p.grad.clone() for k, p in experts.mask_logits.items()}
+    experts.zero_grad()
+    expected_density_backward(experts, grad)
+    assert all(torch.equal(p.grad, direct[k]) for k, p in experts.mask_logits.items())

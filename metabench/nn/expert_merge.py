@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from metabench.nn.expert_targets import ExpertTarget
-from metabench.nn.sparse_experts import SparseInterpolatedExperts, hard_concrete, hard_concrete_backward
+from metabench.nn.sparse_experts import L0_SHIFT, SparseInterpolatedExperts, hard_concrete, hard_concrete_backward
 
-__all__ = ["EvaluationMerge", "recomputed_updates", "training_density"]
+__all__ = ["EvaluationMerge", "expected_density_backward", "recomputed_updates", "training_density"]
 
 
 class EvaluationMerge:
@@ -135,3 +135,18 @@ def training_density(experts: SparseInterpolatedExperts, seed: int) -> Tensor:
         count = sum((_training_gate(experts, t, seed)[0] > 0).flatten(1).sum(1, dtype=torch.int32).double() * t.repeat
                     for t in experts.targets)
     return (count / experts.total).float()
+
+
+def expected_density_backward(experts: SparseInterpolatedExperts, grad: Tensor) -> None:
+    """Add ``grad`` ``[M]`` (dL/d ``experts.expected_density()``) through the expected density to the mask logits'
+    ``.grad``, one target at a time: the operations autograd runs (bit-identical), without keeping every target's
+    sigmoid (M x |theta| floats) from the forward to the backward pass."""
+    with torch.no_grad():
+        per_entry = grad / experts.total
+        for t in experts.targets:
+            log_alpha = experts.mask_logits[t.key]
+            p_open = torch.sigmoid(log_alpha.detach() + L0_SHIFT)
+            scale = (per_entry * t.repeat).to(p_open.dtype).view(-1, *([1] * (p_open.dim() - 1)))
+            g = torch.ops.aten.sigmoid_backward(scale.expand_as(p_open), p_open)
+            del p_open
+            log_alpha.grad = g if log_alpha.grad is None else log_alpha.grad.add_(g)

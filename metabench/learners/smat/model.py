@@ -52,7 +52,12 @@ from metabench.learners.base import ProtoState, PrototypeLearner, TaskState
 from metabench.learners.smat.config import SMATConfig
 from metabench.learners.smat.losses import LagrangianSparsity, distillation, make_schedulers
 from metabench.learners.smat.probes import SMATProbes
-from metabench.nn.expert_merge import EvaluationMerge, recomputed_updates, training_density
+from metabench.nn.expert_merge import (
+    EvaluationMerge,
+    expected_density_backward,
+    recomputed_updates,
+    training_density,
+)
 from metabench.nn.heads import class_prototypes, embed
 from metabench.nn.router import TaskRouter
 from metabench.nn.sparse_experts import GateCache, SparseInterpolatedExperts
@@ -300,6 +305,20 @@ class SMAT(SMATProbes, PrototypeLearner):
 
     # -- meta-training -------------------------------------------------------------------------------
 
+    def _sparsity_backward(self, cache: GateCache | None, weights: Tensor | None) -> None:
+        """The constraint's (and orthogonality's) gradient, and the cached gates' gradient, to the mask logits. The
+        expected density's gradient streams one tensor at a time, so its M x |theta| sigmoids are never all held."""
+        with torch.no_grad():
+            expected = self.experts.expected_density()
+        expected.requires_grad_(True)
+        penalty = self.lagrangian.penalty(expected, weights)
+        if cache is not None and self.cfg.ortho_weight > 0:
+            penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(cache.z)
+        self._backward(penalty)
+        expected_density_backward(self.experts, expected.grad)
+        if cache is not None:
+            cache.flush()
+
     def meta_train_step(self, episodes: Sequence[Episode]) -> dict[str, float]:
         self._maybe_scaler()
         self.invalidate_caches()  # stale after this update; do not hold M x |theta| gates through training
@@ -322,12 +341,7 @@ class SMAT(SMATProbes, PrototypeLearner):
         with torch.profiler.record_function("smat.masks"):
             density = training_density(self.experts, seed) if recompute else self.experts.density(gates)
             if self.learns_masks and self.lagrangian is not None:
-                penalty = self.lagrangian.penalty(self.experts.expected_density(), weights)
-                if cache is not None and self.cfg.ortho_weight > 0:
-                    penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(cache.z)
-                self._backward(penalty)
-            if cache is not None:
-                cache.flush()
+                self._sparsity_backward(cache, weights)
         lr = self.optimizers["delta"].param_groups[0]["lr"]  # the rate this update used
         with torch.profiler.record_function("smat.optimizer"):
             self._step()
