@@ -22,6 +22,7 @@ from episodes.configured import build_sources
 from episodes.episode import Episode
 from episodes.loader import EpisodeSet
 from episodes.readers.base import Source
+from metabench.backbones import BACKBONES
 from metabench.config import EvalConfig, RunConfig, load_config
 from metabench.distributed import init_from_env
 from metabench.engine import EvalContext, resolve_precision, select_device, select_learning_rates
@@ -76,7 +77,8 @@ def load_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: str 
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     where = select_device(init_from_env(device or cfg.device))
     learner = restore_learner(cfg, run_dir, where)
-    return LoadedRun(run_dir, cfg, manifest, learner, where, resolve_precision(cfg.precision, where))
+    precision = resolve_precision(cfg.precision, where, BACKBONES.get(cfg.backbone.name).cpu_bf16)
+    return LoadedRun(run_dir, cfg, manifest, learner, where, precision)
 
 
 def evaluate(learner: Learner, episodes: Iterable[Episode], *, modes: Sequence[str] | None = None,

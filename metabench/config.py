@@ -173,7 +173,7 @@ class RunConfig:
     preset: PresetName = "auto"  # cpu | gpu | paper; auto picks cpu or gpu from the hardware found
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Precision = "auto"  # auto (fp32 on CPU, bf16/fp16 autocast on GPU) | fp32 | bf16 | fp16
+    precision: Precision = "auto"  # auto: bf16/fp16 autocast on GPU; CPU: fp32, bf16 for ViTs if native bf16
     out_dir: str = "runs"
     run_name: str | None = None
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +42,24 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: fp32 on CPU (exactly reproducible), bf16 where the GPU supports it, else fp16."""
+def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = False) -> str:
+    """``auto``: bf16 where the GPU supports it, else fp16; on a CPU fp32 (exactly reproducible), or bf16 for a
+    backbone that runs faster so (``BackboneSpec.cpu_bf16``) on a CPU with native bf16 instructions."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX); False where unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -25,7 +25,7 @@ from episodes.episode import Episode, Split
 from episodes.loader import EpisodeSet, make_loader
 from episodes.readers.base import Source
 from episodes.sampler import check_split
-from metabench.backbones import Backbone, create_backbone
+from metabench.backbones import BACKBONES, Backbone, create_backbone
 from metabench.config import ConfigError, RunConfig, load_config, to_yaml
 from metabench.distributed import gather_to_rank0, init_from_env, is_main, shard, share_from_rank0, world_size
 from metabench.engine import EvalContext, evaluate, resolve_precision, select_device, select_learning_rates
@@ -227,13 +227,16 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
     """
     _seed_everything(cfg.seed)
     device = select_device(init_from_env(cfg.device))
-    precision = resolve_precision(cfg.precision, device)
     sources = build_sources([*cfg.data.train_sources, *cfg.train.val_ood_sources, *cfg.data.eval_sources]
                             if cfg.train.episodes else cfg.data.eval_sources, cfg.data.root, cfg.data.sources)
     backbone = create_backbone(cfg.backbone.name, weights=cfg.backbone.weights,
                                allow_download=cfg.backbone.allow_download)
     learner = create_learner(cfg.learner.name, backbone, cfg.learner).to(device)
     cfg = _cap_random_init(cfg, backbone)
+    precision = resolve_precision(cfg.precision, device, backbone.spec.cpu_bf16)
+    if cfg.precision == "auto" and device.type == "cpu" and precision != "fp32":
+        log.info("precision=auto: %s autocast (%s on a CPU with native bf16; precision=fp32 for plain fp32).",
+                 precision, cfg.backbone.name)
     protocols = plan_eval(cfg, learner, modes, steps)
     # Episodes that cannot be drawn are reported before the run folder exists.
     if cfg.train.episodes and learner.meta_trainable:
@@ -309,9 +312,9 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | No
     cfg = load_config(run_dir / "config.yaml", overrides)
     _seed_everything(cfg.seed)
     device = select_device(init_from_env(cfg.device))
-    precision = resolve_precision(cfg.precision, device)
     sources = build_sources(cfg.data.eval_sources, cfg.data.root, cfg.data.sources)
     learner = restore_learner(cfg, run_dir, device)
+    precision = resolve_precision(cfg.precision, device, BACKBONES.get(cfg.backbone.name).cpu_bf16)
     protocols = plan_eval(cfg, learner, modes, steps)
     writer = RunWriter(run_dir, append=True) if is_main() else FollowerRunWriter(run_dir)
     recorder = ProbeRecorder(learner, run_dir, append=True)
