@@ -1,7 +1,8 @@
 """The SMAT CPU study: every run, evaluation and the report of docs/smat-cpu-study, from a fresh clone.
 
-    python studies/smat_cpu.py train      # meta-train + zero-shot evaluate every learner (resumes, skips done)
-    python studies/smat_cpu.py finetune   # full fine-tuning evaluation of the runs that claim (a) compares
+    python studies/smat_cpu.py train --jobs 2   # meta-train + zero-shot evaluate every learner, two at a time
+                                                # (resumes, skips what finished)
+    python studies/smat_cpu.py finetune --jobs 2   # full fine-tuning of the runs that claim (a) compares
     python studies/smat_cpu.py report     # tables, paired tests, the five answers and figures -> docs/
     python studies/smat_cpu.py report --from-docs   # the same from the run copies committed under docs/
 
@@ -19,6 +20,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,42 +91,93 @@ def run_dir_of(name: str) -> Path:
     return copy if _status(local) is None and _status(copy) == "finished" else local
 
 
-def _metabench(*args: str) -> None:
+def _metabench(*args: str, threads: int | None = None) -> None:
     cmd = [sys.executable, "-m", "metabench", *args]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
 
-def train(names: list[str]) -> None:
-    """Meta-train and zero-shot evaluate each run that has not finished (resuming an interrupted one)."""
+def _train_one(name: str, threads: int | None = None) -> None:
+    """Meta-train and zero-shot evaluate run ``name`` unless it finished (resuming it if it was interrupted)."""
+    learner, overrides = RUNS[name]
+    run_dir = run_dir_of(name)
+    status = _status(run_dir)
+    if status == "finished":
+        print(f"= {name}: finished", flush=True)
+    elif status is not None:
+        _metabench("run", "--resume", str(run_dir), threads=threads)
+    else:
+        if run_dir.exists():  # a folder without a manifest holds nothing to resume
+            shutil.rmtree(run_dir)
+        allocation = str(run_dir_of(f"smat-tau{MAIN_TAU}").relative_to(ROOT))  # the trained SMAT run's masks
+        _metabench("run", "--config", str(CONFIG), "--learner", learner, f"out_dir={OUT}", f"run_name={name}",
+                   *(o.replace("ALLOCATION", allocation) for o in overrides), threads=threads)
+
+
+def _in_parallel(names: list[str], fn: Callable[[str, int | None], None], jobs: int,
+                 waits_for: Callable[[str], str | None] = lambda name: None) -> None:
+    """``fn(name, threads)`` for each name, ``jobs`` at a time (one torch thread each when more than one: on a
+    2-core CPU two one-thread runs finish sooner than one after the other). A free worker takes the first name,
+    in order, whose ``waits_for`` run is not among ``names`` or has finished. The first failure stops new starts
+    (runs in flight finish; ``--resume`` continues) and is raised."""
+    if jobs <= 1:
+        for name in names:
+            fn(name, None)
+        return
+    pending, done, errors = list(names), set(), []
+    changed = threading.Condition()
+
+    def ready() -> str | None:
+        return next((n for n in pending if waits_for(n) not in names or waits_for(n) in done), None)
+
+    def worker() -> None:
+        while True:
+            with changed:
+                while pending and not errors and ready() is None:
+                    changed.wait()
+                if not pending or errors:
+                    return
+                name = ready()
+                pending.remove(name)
+            try:
+                fn(name, 1)
+            except BaseException as err:  # noqa: BLE001 - raised again in the calling thread
+                errors.append(err)
+            with changed:
+                done.add(name)
+                changed.notify_all()
+
+    workers = [threading.Thread(target=worker) for _ in range(jobs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+
+
+def train(names: list[str], jobs: int = 1) -> None:
+    """Meta-train and zero-shot evaluate each run that has not finished, ``jobs`` at a time; an equal-allocation
+    run waits for the SMAT run whose masks it copies."""
     OUT.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        learner, overrides = RUNS[name]
-        run_dir = run_dir_of(name)
-        status = _status(run_dir)
-        if status == "finished":
-            print(f"= {name}: finished", flush=True)
-        elif status is not None:
-            _metabench("run", "--resume", str(run_dir))
-        else:
-            if run_dir.exists():  # a folder without a manifest holds nothing to resume
-                shutil.rmtree(run_dir)
-            allocation = str(run_dir_of(f"smat-tau{MAIN_TAU}").relative_to(ROOT))  # the trained SMAT run's masks
-            _metabench("run", "--config", str(CONFIG), "--learner", learner, f"out_dir={OUT}", f"run_name={name}",
-                       *(o.replace("ALLOCATION", allocation) for o in overrides))
+    _in_parallel(names, _train_one, jobs, lambda name: f"smat-tau{MAIN_TAU}" if name.endswith("-alloc") else None)
 
 
-def finetune(names: list[str]) -> None:
-    """Add full fine-tuning rows to finished runs that do not have them yet."""
+def _finetune_one(name: str, threads: int | None = None) -> None:
     import pandas as pd
 
-    for name in names:
-        run_dir = run_dir_of(name)
-        rows = pd.read_parquet(run_dir / "episodes.parquet")
-        if (rows["mode"] == "full").any():
-            print(f"= {name}: fine-tuned", flush=True)
-            continue
-        _metabench("eval", "--run", str(run_dir), "--mode", "full", *FINETUNE)
+    run_dir = run_dir_of(name)
+    rows = pd.read_parquet(run_dir / "episodes.parquet")
+    if (rows["mode"] == "full").any():
+        print(f"= {name}: fine-tuned", flush=True)
+        return
+    _metabench("eval", "--run", str(run_dir), "--mode", "full", *FINETUNE, threads=threads)
+
+
+def finetune(names: list[str], jobs: int = 1) -> None:
+    """Add full fine-tuning rows to finished runs that do not have them yet, ``jobs`` at a time."""
+    _in_parallel(names, _finetune_one, jobs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,11 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("step", choices=["train", "finetune", "report"])
     parser.add_argument("--only", nargs="+", help="run names (default: all of the step's runs)")
     parser.add_argument("--from-docs", action="store_true", help="report: rebuild from the copies in docs/ only")
+    parser.add_argument("--jobs", type=int, default=1, help="train, finetune: runs at a time, one torch thread "
+                        "each (2 on a 2-core CPU)")
     args = parser.parse_args(argv)
     if args.step == "train":
-        train(args.only or list(RUNS))
+        train(args.only or list(RUNS), jobs=args.jobs)
     elif args.step == "finetune":
-        finetune(args.only or list(FINETUNE_RUNS))
+        finetune(args.only or list(FINETUNE_RUNS), jobs=args.jobs)
     else:
         sys.path.insert(0, str(ROOT))
         from studies.smat_cpu_report import HEADER, collect, write_report

@@ -37,8 +37,9 @@ episodes). SMAT, its sweep and its ablations share one recipe (`studies/smat_cpu
 claim is answered by a paired test on the same episodes: n is the number of episodes pooled over a domain's
 sources, p two-sided.
 
-Reproduce (Debian's `dataset-fashion-mnist` installed): `python studies/smat_cpu.py train`, then
-`python studies/smat_cpu.py finetune` and `python studies/smat_cpu.py report`. The light files of every run
+Reproduce (Debian's `dataset-fashion-mnist` installed): `python studies/smat_cpu.py train --jobs 2`, then
+`python studies/smat_cpu.py finetune --jobs 2` and `python studies/smat_cpu.py report` (`--jobs 2`: two runs at a
+time, one torch thread each, as measured here). The light files of every run
 (manifest, config, per-episode rows, training log, probes) are under `runs/` beside this report;
 `python studies/smat_cpu.py report --from-docs` rebuilds it from them."""
 
