@@ -165,30 +165,51 @@ def domain_clustering(scores: pd.DataFrame, group: str = "source", permutations:
             "null_mean": float(null.mean()), "episodes": len(labels), "groups": len(set(labels))}
 
 
-def claim_d(run_dir: Path | None) -> Answer:
-    """(d) Expert scores cluster tasks by domain."""
-    claim = "(d) expert scores cluster tasks by domain"
+def _routing(run_dir: Path | None) -> pd.DataFrame | None:
     try:
         scores = load_probes(run_dir, "expert_scores") if run_dir is not None else None
     except ProbeMissing:
-        scores = None
-    if scores is None or scores.empty:
+        return None
+    return None if scores is None or scores.empty else scores
+
+
+def claim_d(run_dir: Path | None, sweep: Mapping[float, Path] | None = None, main_tau: float = 0.9) -> Answer:
+    """(d) Expert scores cluster tasks by domain: the main run's answer, and how routing changes across ``sweep``
+    (tau -> run folder; a run whose router spreads over the experts can cluster where a collapsed one cannot)."""
+    claim = "(d) expert scores cluster tasks by domain"
+    scores = _routing(run_dir)
+    if scores is None:
         return _missing(claim, ["expert scores of the main SMAT run"])
-    scores = scores.assign(family=scores["source"].map(lambda s: "noto" if s.startswith("noto") else s))
     by_source = domain_clustering(scores, "source")
     by_id = domain_clustering(scores, "domain")
     clustered = by_source["ratio"] < 1 and by_source["p"] < ALPHA
     usage = routing_usage(scores)
     collapsed = usage["collapsed_sources"] > usage["sources"] / 2
     verdict = "no" if not clustered else ("weakly: the router is nearly collapsed" if collapsed else "yes")
-    evidence = (f"within/between-source cosine-distance ratio of per-episode α = {by_source['ratio']:.3f} "
-                f"(permutation p = {by_source['p']:.3g}, {by_source['episodes']} episodes of {by_source['groups']} "
-                f"sources; 1 = no clustering); by ID/OOD: {by_id['ratio']:.3f} (p = {by_id['p']:.3g}); but one "
-                f"expert takes over 90% of the mean α for {usage['collapsed_sources']} of {usage['sources']} "
-                f"sources (effective number of experts used {usage['effective_experts']:.2f} of "
-                f"{usage['experts']})")
-    return Answer(claim, verdict, evidence, [dict(level="source", **by_source), dict(level="domain", **by_id),
-                                             dict(level="usage", **usage)])
+    evidence = (f"τ {main_tau:g}: within/between-source cosine-distance ratio of per-episode α = "
+                f"{by_source['ratio']:.3f} (permutation p = {by_source['p']:.3g}, {by_source['episodes']} episodes of "
+                f"{by_source['groups']} sources; 1 = no clustering); by ID/OOD: {by_id['ratio']:.3f} "
+                f"(p = {by_id['p']:.3g}); but one expert takes over 90% of the mean α for "
+                f"{usage['collapsed_sources']} of {usage['sources']} sources (effective number of experts used "
+                f"{usage['effective_experts']:.2f} of {usage['experts']})")
+    rows = [dict(level="source", **by_source), dict(level="domain", **by_id), dict(level="usage", **usage)]
+    others, spread = [], []
+    for tau, folder in sorted((sweep or {}).items()):
+        other = _routing(folder) if tau != main_tau else None
+        if other is None:
+            continue
+        clusters, used = domain_clustering(other, "source"), routing_usage(other)
+        rows.append(dict(level="source", tau=tau, **clusters, **{f"usage_{k}": v for k, v in used.items()}))
+        others.append(f"τ {tau:g}: ratio {clusters['ratio']:.3f} (p = {clusters['p']:.3g}), "
+                      f"{used['effective_experts']:.2f} experts used, {used['collapsed_sources']} of "
+                      f"{used['sources']} sources collapsed")
+        if clusters["ratio"] < 1 and clusters["p"] < ALPHA and used["collapsed_sources"] == 0:
+            spread.append(f"{tau:g}")
+    if collapsed and clustered and spread:
+        verdict = f"weakly at τ {main_tau:g} (router collapsed); yes at τ {', '.join(spread)} (router spread)"
+    if others:
+        evidence += ". Across the sweep: " + "; ".join(others)
+    return Answer(claim, verdict, evidence, rows)
 
 
 def routing_usage(scores: pd.DataFrame) -> dict[str, float]:

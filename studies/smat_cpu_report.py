@@ -186,8 +186,9 @@ def write_report(docs: Path, header: str) -> Path:
     run_dirs = {p.name: p for p in sorted((docs / "runs").iterdir()) if (p / "episodes.parquet").is_file()}
     fig_dir = docs / "figures"
     frame = _frame(run_dirs)
+    sweep_dirs = {t: run_dirs[label] for t, label in SWEEP.items() if label in run_dirs}
     answers = [claim_a(frame, MAIN), claim_b(frame, SWEEP),
-               claim_c(frame, MAIN, {k: v for k, v in FIXED.items()}), claim_d(run_dirs.get(MAIN)),
+               claim_c(frame, MAIN, {k: v for k, v in FIXED.items()}), claim_d(run_dirs.get(MAIN), sweep_dirs),
                claim_e(run_dirs, SWEEP, MAIN)]
     missing = [name for name in ("pre", "pmf", "lora", *SWEEP.values(), "softmerge", *FIXED.values())
                if name not in run_dirs]

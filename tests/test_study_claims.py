@@ -82,3 +82,27 @@ def test_routing_usage_tells_a_collapsed_router_from_a_spread_one() -> None:
     assert collapsed["collapsed_sources"] == 2 and collapsed["effective_experts"] < 1.3
     spread = routing_usage(frame({"a": [0.7, 0.1, 0.1, 0.1], "b": [0.1, 0.1, 0.7, 0.1]}))
     assert spread["collapsed_sources"] == 0 and spread["effective_experts"] > 3
+
+
+def test_claim_d_reports_routing_across_the_sweep(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collapsed main run answers 'weakly'; a sweep run whose router spreads and clusters is named as a 'yes'."""
+    from studies import smat_cpu_claims
+
+    rng = np.random.default_rng(0)
+
+    def scores(spread: bool) -> pd.DataFrame:
+        rows = []
+        for s, source in enumerate(("a", "b", "c")):
+            centre = np.eye(4)[s] + 0.05 if spread else np.array([1.0, 0.01, 0.01, 0.01]) + np.eye(4)[s] * 0.02
+            for e in range(15):
+                alpha = np.abs(centre + rng.normal(0, 0.01, 4))
+                rows += [{"episode_id": f"{source}{e}", "source": source, "domain": "id" if s == 0 else "ood",
+                          "expert": m, "alpha": float(a)} for m, a in enumerate(alpha / alpha.sum())]
+        return pd.DataFrame(rows)
+
+    frames = {tmp_path / "main": scores(spread=False), tmp_path / "low": scores(spread=True)}
+    monkeypatch.setattr(smat_cpu_claims, "load_probes", lambda run_dir, name: frames[run_dir])
+    main_only = smat_cpu_claims.claim_d(tmp_path / "main")
+    assert main_only.verdict == "weakly: the router is nearly collapsed"
+    swept = smat_cpu_claims.claim_d(tmp_path / "main", {0.5: tmp_path / "low", 0.9: tmp_path / "main"})
+    assert swept.verdict.endswith("yes at τ 0.5 (router spread)") and "τ 0.5: ratio" in swept.evidence
