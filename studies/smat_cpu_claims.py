@@ -7,6 +7,7 @@ from the runs' probes and training logs. A claim whose runs are missing is repor
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -90,6 +91,16 @@ def claim_a(frame: pd.DataFrame, smat: str, pmf: str = "pmf") -> Answer:
     return Answer(claim, verdict, "; ".join(f"{r['mode']}, {r['group']}: {_fmt(r)}" for r in rows), rows)
 
 
+def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Spearman's rho and its two-sided p: exact over every ordering of ``y`` for up to 8 points (a sweep of a few
+    runs, where the t approximation is meaningless), scipy's otherwise."""
+    rho = float(stats.spearmanr(x, y).statistic)
+    if len(x) > 8:
+        return rho, float(stats.spearmanr(x, y).pvalue)
+    null = [float(stats.spearmanr(x, list(perm)).statistic) for perm in itertools.permutations(y)]
+    return rho, float(np.mean([abs(r) >= abs(rho) - 1e-12 for r in null]))
+
+
 def _sweep_means(frame: pd.DataFrame, runs: Mapping[float, str], domain: str) -> dict[float, float]:
     out = {}
     for tau, label in runs.items():
@@ -107,18 +118,18 @@ def claim_b(frame: pd.DataFrame, runs: Mapping[float, str]) -> Answer:
         return _missing(claim, [label for label in runs.values() if label not in set(frame["label"])])
     taus = sorted(present)
     id_means, ood_means = _sweep_means(frame, present, "ID"), _sweep_means(frame, present, "OOD")
-    rho_id = stats.spearmanr(taus, [id_means[t] for t in taus])
+    rho_id, p_id = spearman(taus, [id_means[t] for t in taus])
     lo, hi = present[taus[0]], present[taus[-1]]
     id_trend = pooled(frame, lo, hi, "ID")
     peak = max(taus, key=lambda t: ood_means[t])
     interior = taus[0] < peak < taus[-1]
     peak_tests = [r for end in (taus[0], taus[-1]) if end != peak
                   and (r := pooled(frame, present[peak], present[end], "OOD")) is not None]
-    id_yes = id_trend is not None and _better(id_trend) and rho_id.statistic < 0
+    id_yes = id_trend is not None and _better(id_trend) and rho_id < 0
     ood_yes = interior and all(_better(r) for r in peak_tests)
     verdict = "yes" if id_yes and ood_yes else ("partly" if id_yes or ood_yes else "no")
     sweep = ", ".join(f"τ {t:g}: ID {id_means[t]:.2f} / OOD {ood_means[t]:.2f}" for t in taus)
-    evidence = (f"{sweep}. ID vs τ: Spearman ρ = {rho_id.statistic:+.2f} over {len(taus)} runs; "
+    evidence = (f"{sweep}. ID vs τ: Spearman ρ = {rho_id:+.2f} (exact p = {p_id:.2g}) over {len(taus)} runs; "
                 f"{_fmt(id_trend) if id_trend else 'no paired ID test'} (ID {'rises' if id_yes else 'does not rise'} "
                 f"as τ falls). OOD peaks at τ = {peak:g} ({'interior' if interior else 'an end of the sweep'})"
                 + (": " + "; ".join(_fmt(r) for r in peak_tests) if peak_tests else "") +
@@ -209,6 +220,12 @@ def claim_d(run_dir: Path | None, sweep: Mapping[float, Path] | None = None, mai
         verdict = f"weakly at τ {main_tau:g} (router collapsed); yes at τ {', '.join(spread)} (router spread)"
     if others:
         evidence += ". Across the sweep: " + "; ".join(others)
+        used_by_tau = {main_tau: usage["effective_experts"],
+                       **{r["tau"]: r["usage_effective_experts"] for r in rows if "tau" in r}}
+        if len(used_by_tau) > 2:
+            taus = sorted(used_by_tau)
+            rho, p = spearman(taus, [used_by_tau[t] for t in taus])
+            evidence += f"; experts used vs τ: Spearman ρ = {rho:+.2f} (exact p = {p:.2g}, {len(taus)} runs)"
     return Answer(claim, verdict, evidence, rows)
 
 
@@ -240,12 +257,12 @@ def claim_e(run_dirs: Mapping[str, Path], runs: Mapping[float, str], smat: str, 
         return _missing(claim, [label for label in [*runs.values(), pmf] if label not in run_dirs])
     taus = sorted(curves)
     means = {t: float(curves[t]["alignment"].mean()) for t in taus}
-    rho = stats.spearmanr(taus, [means[t] for t in taus]) if len(taus) > 2 else None
+    rho = spearman(taus, [means[t] for t in taus]) if len(taus) > 2 else None
     hi, lo = (curves[taus[-1]].groupby("tasks_seen")["alignment"].mean(),
               curves[taus[0]].groupby("tasks_seen")["alignment"].mean())
     common = hi.index.intersection(lo.index)
     paired = stats.wilcoxon(hi[common] - lo[common]) if len(common) > 1 else None
-    aligned = (rho is None or rho.statistic > 0) and hi[common].mean() > lo[common].mean() and paired is not None \
+    aligned = (rho is None or rho[0] > 0) and hi[common].mean() > lo[common].mean() and paired is not None \
         and paired.pvalue < ALPHA
     learning = learning_curves({lab: load_train_log(run_dirs[lab]) for lab in (pmf, smat)})
     table = speedup(learning, pmf)
@@ -256,7 +273,7 @@ def claim_e(run_dirs: Mapping[str, Path], runs: Mapping[float, str], smat: str, 
     verdict = "yes" if aligned and faster else ("partly" if aligned or faster else "no")
     evidence = (", ".join(f"τ {t:g}: {means[t]:.4f}" for t in taus) + " (mean alignment of the shared delta's "
                 "per-task meta-gradients over training)"
-                + (f"; Spearman ρ(τ, alignment) = {rho.statistic:+.2f}" if rho is not None else "")
+                + (f"; Spearman ρ(τ, alignment) = {rho[0]:+.2f} (exact p = {rho[1]:.2g})" if rho is not None else "")
                 + (f"; τ {taus[-1]:g} − τ {taus[0]:g} over {len(common)} matched probes: "
                    f"{(hi[common] - lo[common]).mean():+.4f}, Wilcoxon p = {paired.pvalue:.3g}" if paired else "")
                 + f". {smat} reaches {pmf}'s final validation ID accuracy ({row['target']:.2f}%, first reached by "

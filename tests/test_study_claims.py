@@ -106,3 +106,12 @@ def test_claim_d_reports_routing_across_the_sweep(tmp_path, monkeypatch: pytest.
     assert main_only.verdict == "weakly: the router is nearly collapsed"
     swept = smat_cpu_claims.claim_d(tmp_path / "main", {0.5: tmp_path / "low", 0.9: tmp_path / "main"})
     assert swept.verdict.endswith("yes at τ 0.5 (router spread)") and "τ 0.5: ratio" in swept.evidence
+
+
+def test_spearman_is_exact_for_a_short_sweep() -> None:
+    from studies.smat_cpu_claims import spearman
+
+    rho, p = spearman([0.5, 0.8, 0.9, 0.95, 0.99], [5.0, 4.0, 3.0, 2.0, 1.0])
+    assert rho == pytest.approx(-1.0) and p == pytest.approx(2 / 120)  # the two perfectly monotone orderings
+    rho, p = spearman([1, 2, 3, 4], [1, 3, 2, 4])
+    assert rho == pytest.approx(0.8) and 0 < p < 1
