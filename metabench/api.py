@@ -22,17 +22,16 @@ from episodes.configured import build_sources
 from episodes.episode import Episode
 from episodes.loader import EpisodeSet
 from episodes.readers.base import Source
-from metabench.backbones import BACKBONES
 from metabench.config import EvalConfig, RunConfig, load_config
 from metabench.distributed import init_from_env
-from metabench.engine import EvalContext, resolve_precision, select_device, select_learning_rates
+from metabench.engine import EvalContext, select_device, select_learning_rates
 from metabench.engine import evaluate as _evaluate_episodes
 from metabench.finetuning import plan_protocols
 from metabench.learners.base import Learner
 from metabench.lr_selection import LrSelector
 from metabench.results import EPISODE_COLUMNS
 from metabench.results import load_run as _read_run
-from metabench.runs import eval_episodes, restore_learner, validation_episodes
+from metabench.runs import eval_episodes, restore_learner, run_precision, validation_episodes
 
 __all__ = ["LoadedRun", "evaluate", "load_run"]
 
@@ -77,8 +76,7 @@ def load_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: str 
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     where = select_device(init_from_env(device or cfg.device))
     learner = restore_learner(cfg, run_dir, where)
-    precision = resolve_precision(cfg.precision, where, BACKBONES.get(cfg.backbone.name).cpu_bf16)
-    return LoadedRun(run_dir, cfg, manifest, learner, where, precision)
+    return LoadedRun(run_dir, cfg, manifest, learner, where, run_precision(cfg, where))
 
 
 def evaluate(learner: Learner, episodes: Iterable[Episode], *, modes: Sequence[str] | None = None,

@@ -28,9 +28,9 @@ class BackboneSpec:
     # forward 1.6x and a forward+backward 1.6x faster than in NCHW (measured on EfficientNet-Lite0 at 84 px, one
     # thread); the weights keep their layout, so checkpoints are unchanged.
     channels_last: bool = False
-    # precision=auto autocasts to bf16 on a CPU with native bf16 instructions: a ViT-S SMAT meta-training task ran
-    # 1.35x and its evaluation 2x faster there (2 threads, 84 px); EfficientNet-Lite0's depthwise convolutions ran
-    # slower (0.86x), so convolutional backbones stay fp32.
+    # precision=auto autocasts to bf16 on a CPU with native bf16 instructions: in the README's main command a ViT-S
+    # SMAT meta-training task ran 1.57x and an evaluation episode 2.3x faster there (2 threads, 84 px);
+    # EfficientNet-Lite0's depthwise convolutions trained slower (0.86x), so convolutional backbones stay fp32.
     cpu_bf16: bool = False
 
     def __post_init__(self) -> None:

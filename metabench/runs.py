@@ -37,7 +37,7 @@ from metabench.probes import ProbeRecorder
 from metabench.results import EpisodeRow, FollowerRunWriter, RunWriter, load_run
 from metabench.training import CHECKPOINT, load_learner_state, meta_batch, run_training
 
-__all__ = ["RunOutcome", "eval_episodes", "eval_saved_run", "execute", "plan_eval", "restore_learner",
+__all__ = ["RunOutcome", "eval_episodes", "eval_saved_run", "execute", "plan_eval", "restore_learner", "run_precision",
            "resume_run", "validation_episodes"]
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def execute(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = Non
                                allow_download=cfg.backbone.allow_download)
     learner = create_learner(cfg.learner.name, backbone, cfg.learner).to(device)
     cfg = _cap_random_init(cfg, backbone)
-    precision = resolve_precision(cfg.precision, device, backbone.spec.cpu_bf16)
+    precision = run_precision(cfg, device)
     if cfg.precision == "auto" and device.type == "cpu" and precision != "fp32":
         log.info("precision=auto: %s autocast (%s on a CPU with native bf16; precision=fp32 for plain fp32).",
                  precision, cfg.backbone.name)
@@ -282,6 +282,12 @@ def resume_run(run_dir: Path, *, progress: bool = True) -> RunOutcome:
     return execute(cfg, progress=progress, run_dir=run_dir, resume=True)
 
 
+def run_precision(cfg: RunConfig, device: torch.device) -> str:
+    """The precision a run of ``cfg`` takes on ``device``: ``precision=auto`` follows its backbone's
+    ``cpu_bf16`` on a CPU (``engine.resolve_precision``)."""
+    return resolve_precision(cfg.precision, device, BACKBONES.get(cfg.backbone.name).cpu_bf16)
+
+
 def restore_learner(cfg: RunConfig, run_dir: Path, device: torch.device) -> Learner:
     """The run's learner on ``device``: its backbone rebuilt from the config, its trained weights loaded from
     the run's checkpoint (a learner without meta-training has none and keeps its backbone's weights)."""
@@ -314,7 +320,7 @@ def eval_saved_run(run_dir: Path, overrides: list[str], *, modes: list[str] | No
     device = select_device(init_from_env(cfg.device))
     sources = build_sources(cfg.data.eval_sources, cfg.data.root, cfg.data.sources)
     learner = restore_learner(cfg, run_dir, device)
-    precision = resolve_precision(cfg.precision, device, BACKBONES.get(cfg.backbone.name).cpu_bf16)
+    precision = run_precision(cfg, device)
     protocols = plan_eval(cfg, learner, modes, steps)
     writer = RunWriter(run_dir, append=True) if is_main() else FollowerRunWriter(run_dir)
     recorder = ProbeRecorder(learner, run_dir, append=True)

@@ -51,6 +51,7 @@ from metabench.learners import LEARNERS
 from metabench.learners.base import ProtoState, PrototypeLearner, TaskState
 from metabench.learners.smat.config import SMATConfig
 from metabench.learners.smat.losses import LagrangianSparsity, distillation, make_schedulers
+from metabench.learners.smat.optim import SMATOptimisation
 from metabench.learners.smat.probes import SMATProbes
 from metabench.nn.expert_merge import (
     EvaluationMerge,
@@ -85,7 +86,7 @@ class _TaskOutcome:
 
 
 @LEARNERS.register("smat")
-class SMAT(SMATProbes, PrototypeLearner):
+class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
     """Sparse MetA-Tuning (ICML 2024): sparse interpolated experts mixed per task by a support-set router; the
     paper preset trains it with the upstream code's recipe."""
 
@@ -138,22 +139,6 @@ class SMAT(SMATProbes, PrototypeLearner):
 
     # -- optimisation --------------------------------------------------------------------------------
 
-    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        cfg = self.cfg
-        opts: dict[str, torch.optim.Optimizer] = {
-            "delta": (torch.optim.SGD(self.experts.delta.parameters(), lr=cfg.delta_lr, momentum=cfg.delta_momentum,
-                                      weight_decay=cfg.delta_weight_decay) if cfg.delta_optimizer == "sgd" else
-                      torch.optim.AdamW(self.experts.delta.parameters(), lr=cfg.delta_lr,
-                                        weight_decay=cfg.delta_weight_decay)),
-            "router": torch.optim.AdamW(self.router.parameters(), lr=cfg.router_lr,
-                                        weight_decay=cfg.router_weight_decay),
-        }
-        if self.learns_masks:  # a structured gate sums the gradients of the entries it covers: average them
-            groups = [{"params": [self.experts.mask_logits[t.key]], "lr": cfg.mask_lr / t.repeat}
-                      for t in self.experts.targets]
-            opts["masks"] = torch.optim.SGD(groups, lr=cfg.mask_lr)
-        return opts
-
     def setup_training(self, total_updates: int) -> None:
         """Schedulers for delta, masks and router, and the multipliers' rate (``learner.schedule``)."""
         self._updates, self._total_updates = 0, total_updates
@@ -176,35 +161,6 @@ class SMAT(SMATProbes, PrototypeLearner):
     def temperature(self) -> float:
         cfg = self.cfg
         return max(cfg.temperature_min, cfg.temperature_start - float(self.tasks_seen) / cfg.temperature_decay)
-
-    def _backward(self, loss: Tensor) -> None:
-        (self._scaler.scale(loss) if self._scaler is not None else loss).backward()
-
-    def _step(self) -> None:
-        clips = {"masks": self.cfg.mask_clip, "router": self.cfg.router_clip}
-        for name, opt in self.optimizers.items():
-            if self._scaler is not None:
-                self._scaler.unscale_(opt)
-            if name in clips:
-                nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clips[name])
-            self._scaler.step(opt) if self._scaler is not None else opt.step()
-        if self._scaler is not None:
-            self._scaler.update()
-        for scheduler in self.schedulers:
-            scheduler.step()
-
-    @staticmethod
-    def _new_scaler() -> Any:
-        return torch.amp.GradScaler("cuda")
-
-    def _maybe_scaler(self) -> None:
-        """fp16 autocast on CUDA (set by the engine) needs loss scaling; bf16 and fp32 do not."""
-        fp16 = torch.cuda.is_available() and torch.is_autocast_enabled("cuda") \
-            and torch.get_autocast_dtype("cuda") == torch.float16
-        if fp16 and self._scaler is None:
-            self._scaler = self._new_scaler()
-        elif not fp16:
-            self._scaler = None
 
     # -- forward pieces ------------------------------------------------------------------------------
 
