@@ -22,7 +22,8 @@ from analysis.compare import paired_comparison
 from analysis.figures.curves import learning_curves, speedup
 from analysis.load import ProbeMissing, load_probes, load_train_log
 
-__all__ = ["FAR_OOD", "GROUPS", "NEAR_OOD", "Answer", "claim_a", "claim_b", "claim_c", "claim_d", "claim_e", "pooled"]
+__all__ = ["FAR_OOD", "GROUPS", "NEAR_OOD", "Answer", "claim_a", "claim_b", "claim_c", "claim_d", "claim_e", "pooled",
+           "recipe_rows"]
 
 ALPHA = 0.05
 
@@ -45,11 +46,10 @@ GROUPS: dict[str, tuple[str, ...]] = {"OOD near": NEAR_OOD, "OOD far": FAR_OOD}
 
 def pooled(frame: pd.DataFrame, a: str, b: str, domain: str, mode: str = "zero_shot") -> dict | None:
     """``a − b`` on the shared episodes of a domain ("ID", "OOD", or a group of ``GROUPS``), pooled; None if a
-    run is missing."""
-    labels = set(frame["label"])
-    if a not in labels or b not in labels:
-        return None
+    run is missing or has no rows of ``mode`` (a run never fine-tuned)."""
     part = frame[frame["mode"] == mode]
+    if not {a, b} <= set(part["label"]):
+        return None
     if domain in GROUPS:
         part = part[part["source"].isin(GROUPS[domain])]
     table = paired_comparison(part, a, b)
@@ -162,16 +162,21 @@ def domain_clustering(scores: pd.DataFrame, group: str = "source", permutations:
     keys = list(dict.fromkeys(["episode_id", "source", group]))
     wide = scores.pivot_table(index=keys, columns="expert", values="alpha").reset_index()
     labels = wide[group].to_numpy()
-    distances = squareform(pdist(wide.drop(columns=keys).to_numpy(float), metric="cosine"))
-    off = ~np.eye(len(labels), dtype=bool)
+    distances = squareform(pdist(wide.drop(columns=keys).to_numpy(float), metric="cosine"))  # zero diagonal
+    n, total = len(labels), distances.sum()
+    codes = pd.factorize(labels)[0]
+    sizes = np.bincount(codes)
+    within_pairs = float((sizes * (sizes - 1)).sum())
+    between_pairs = n * (n - 1) - within_pairs
 
-    def ratio(lab: np.ndarray) -> float:
-        same = (lab[:, None] == lab[None, :]) & off
-        return float(distances[same].mean() / distances[~same & off].mean())
+    def ratio(lab: np.ndarray) -> float:  # one matrix product per labelling: sum of D over same-group pairs
+        onehot = np.eye(len(sizes))[lab]
+        within = float(((distances @ onehot) * onehot).sum())
+        return float((within / within_pairs) / ((total - within) / between_pairs))
 
-    observed = ratio(labels)
+    observed = ratio(codes)
     rng = np.random.default_rng(seed)
-    null = np.array([ratio(rng.permutation(labels)) for _ in range(permutations)])
+    null = np.array([ratio(rng.permutation(codes)) for _ in range(permutations)])
     return {"ratio": observed, "p": float((1 + (null <= observed).sum()) / (1 + permutations)),
             "null_mean": float(null.mean()), "episodes": len(labels), "groups": len(set(labels))}
 
@@ -283,3 +288,26 @@ def claim_e(run_dirs: Mapping[str, Path], runs: Mapping[float, str], smat: str, 
                 + (f" Final validation OOD accuracy: {smat} {final_ood[smat]:.2f}%, {pmf} {final_ood[pmf]:.2f}%."
                    if smat in final_ood and pmf in final_ood else ""))
     return Answer(claim, verdict, evidence, [{"tau": t, "alignment": means[t]} for t in taus])
+
+
+def recipe_rows(frame: pd.DataFrame, run_dirs: Mapping[str, Path], main: str, variants: list[str]) -> list[dict]:
+    """One row per SMAT recipe (``main`` first, then each variant that finished): zero-shot ID and OOD means, each
+    variant's paired difference to ``main``, and its routing (experts used, collapsed sources, clustering by
+    source): whether upstream's dynamics change what claims (a) and (d) measure."""
+    rows = []
+    for label in [main, *variants]:
+        if label not in run_dirs or label not in set(frame["label"]):
+            continue
+        part = frame[(frame["label"] == label) & (frame["mode"] == "zero_shot")]
+        per_source = part.groupby(["domain", "source"])["accuracy"].mean() * 100
+        row: dict = {"run": label, **{f"{d} mean": float(per_source[d.lower()].mean())
+                                      for d in ("ID", "OOD") if d.lower() in per_source.index.get_level_values(0)}}
+        for domain in ("ID", "OOD", "OOD near", "OOD far"):
+            diff = pooled(frame, label, main, domain) if label != main else None
+            if diff is not None:
+                row[f"{domain} vs {main}"] = diff
+        scores = _routing(run_dirs[label])
+        if scores is not None:
+            row.update(usage=routing_usage(scores), clustering=domain_clustering(scores, "source"))
+        rows.append(row)
+    return rows

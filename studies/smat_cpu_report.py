@@ -21,7 +21,7 @@ from analysis.figures.sweep import plot_sparsity_tradeoff, sweep_summary
 from analysis.load import ProbeMissing, load_manifests, load_probes, load_runs, load_train_log
 from analysis.render import frame_to_markdown, to_markdown
 from analysis.tables import results_table
-from studies.smat_cpu_claims import Answer, claim_a, claim_b, claim_c, claim_d, claim_e, pooled
+from studies.smat_cpu_claims import Answer, claim_a, claim_b, claim_c, claim_d, claim_e, pooled, recipe_rows
 
 __all__ = ["HEADER", "collect", "write_report"]
 
@@ -46,6 +46,8 @@ time, one torch thread each, as measured here). The light files of every run
 LIGHT = ("manifest.json", "config.yaml", "episodes.parquet", "train_log.jsonl")
 MAIN = "smat-tau0.9"
 SWEEP = {0.5: "smat-tau0.5", 0.8: "smat-tau0.8", 0.9: MAIN, 0.95: "smat-tau0.95", 0.99: "smat-tau0.99"}
+#: SMAT trained with the upstream code's dynamics, and with the paper's options unchanged (``studies/smat_cpu.py``)
+RECIPES = ["smat-upstream-tau0.9", "smat-paper-recipe"]
 FIXED = {"random": "smat_random", "magnitude": "smat_magnitude", "random, SMAT's allocation": "smat_random-alloc",
          "magnitude, SMAT's allocation": "smat_magnitude-alloc"}
 
@@ -181,6 +183,33 @@ def _extra_comparisons(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _recipes(frame: pd.DataFrame, run_dirs: Mapping[str, Path]) -> list[str]:
+    """SMAT's study recipe against upstream's dynamics and the paper's options: accuracy and routing."""
+    rows = recipe_rows(frame, run_dirs, MAIN, RECIPES)
+    if len(rows) < 2:
+        return ["*(the upstream-recipe runs have not finished)*"]
+
+    def vs(row: dict, domain: str) -> str:
+        r = row.get(f"{domain} vs {MAIN}")
+        return "—" if r is None else f"{r['diff']:+.2f} (p = {r['p_t']:.2g})"
+
+    lines = [f"| run | ID | OOD | ID − {MAIN} | OOD − {MAIN} | OOD near − {MAIN} | OOD far − {MAIN} | experts used | "
+             "collapsed sources | by-source ratio (p) |", "|---|---:|---:|---|---|---|---|---:|---:|---|"]
+    for row in rows:
+        usage, clusters = row.get("usage"), row.get("clustering")
+        routing = (f"{usage['effective_experts']:.2f} | {usage['collapsed_sources']} of {usage['sources']} | "
+                   f"{clusters['ratio']:.3f} ({clusters['p']:.2g})" if usage and clusters else "— | — | —")
+        means = " | ".join(f"{row.get(f'{d} mean', float('nan')):.2f}" for d in ("ID", "OOD"))
+        diffs = " | ".join(vs(row, d) for d in ("ID", "OOD", "OOD near", "OOD far"))
+        lines.append(f"| {row['run']} | {means} | {diffs} | {routing} |")
+    n = {d: int(r["n"]) for d in ("ID", "OOD") if (r := rows[1].get(f"{d} vs {MAIN}")) is not None}
+    lines += ["", f"Zero-shot accuracy (%); differences are paired over the same episodes (n = {n.get('ID')} ID, "
+              f"{n.get('OOD')} OOD); experts used = exp(entropy) of the mean α over the 1,200 evaluation episodes; "
+              "a source is collapsed when one expert takes over 90% of its mean α; ratio = within/between-source "
+              "cosine distance of per-episode α (1 = no clustering), permutation p."]
+    return lines
+
+
 def write_report(docs: Path, header: str) -> Path:
     """Build ``docs/report.md`` (and figures/) from the run copies under ``docs/runs``."""
     run_dirs = {p.name: p for p in sorted((docs / "runs").iterdir()) if (p / "episodes.parquet").is_file()}
@@ -196,7 +225,8 @@ def write_report(docs: Path, header: str) -> Path:
     if missing:
         lines += [f"Runs not finished yet: {', '.join(missing)} (the claims that need them say so).", ""]
     lines += ["## Results", "", *_tables(frame), "## Other paired comparisons", "", *_extra_comparisons(frame), "",
-              "## Why: training dynamics at the end of meta-training", "", *_diagnostics(run_dirs), ""]
+              "## SMAT's recipe: the study's, upstream's dynamics, the paper's options", "", *_recipes(frame, run_dirs),
+              "", "## Why: training dynamics at the end of meta-training", "", *_diagnostics(run_dirs), ""]
     if MAIN in run_dirs:
         try:
             lines += [f"Mean router weight per expert and source ({MAIN}, evaluation episodes):", "",

@@ -115,3 +115,21 @@ def test_spearman_is_exact_for_a_short_sweep() -> None:
     assert rho == pytest.approx(-1.0) and p == pytest.approx(2 / 120)  # the two perfectly monotone orderings
     rho, p = spearman([1, 2, 3, 4], [1, 3, 2, 4])
     assert rho == pytest.approx(0.8) and 0 < p < 1
+
+
+def test_recipe_rows_compare_each_recipe_to_the_main_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main run comes first without a difference; a finished variant gets its paired difference and routing;
+    an unfinished one is left out."""
+    from studies import smat_cpu_claims
+
+    frame = pd.concat([_rows("main", {"id": 0.0, "ood": 0.0}), _rows("upstream", {"id": 0.03, "ood": 0.0})])
+    scores = pd.DataFrame([{"episode_id": f"{s}{e}", "source": s, "domain": "id", "expert": m,
+                            "alpha": 0.7 if m == i else 0.1} for i, s in enumerate("abcd") for e in range(5)
+                           for m in range(4)])
+    monkeypatch.setattr(smat_cpu_claims, "load_probes", lambda run_dir, name: scores)
+    dirs = {"main": tmp_path / "main", "upstream": tmp_path / "upstream"}
+    rows = smat_cpu_claims.recipe_rows(frame, dirs, "main", ["upstream", "paper"])
+    assert [r["run"] for r in rows] == ["main", "upstream"]
+    assert "ID vs main" not in rows[0] and rows[1]["ID vs main"]["diff"] == pytest.approx(3.0, abs=0.2)
+    assert rows[1]["OOD vs main"]["p_t"] > 0.05 and rows[1]["ID mean"] > rows[0]["ID mean"]
+    assert rows[1]["usage"]["collapsed_sources"] == 0 and rows[1]["clustering"]["ratio"] < 0.5
