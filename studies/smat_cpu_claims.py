@@ -298,10 +298,8 @@ def recipe_rows(frame: pd.DataFrame, run_dirs: Mapping[str, Path], main: str, va
     for label in [main, *variants]:
         if label not in run_dirs or label not in set(frame["label"]):
             continue
-        part = frame[(frame["label"] == label) & (frame["mode"] == "zero_shot")]
-        per_source = part.groupby(["domain", "source"])["accuracy"].mean() * 100
-        row: dict = {"run": label, **{f"{d} mean": float(per_source[d.lower()].mean())
-                                      for d in ("ID", "OOD") if d.lower() in per_source.index.get_level_values(0)}}
+        row: dict = {"run": label, **{f"{d} mean": mean for d in ("ID", "OOD")
+                                      for mean in _sweep_means(frame, {0.0: label}, d).values()}}
         for domain in ("ID", "OOD", "OOD near", "OOD far"):
             diff = pooled(frame, label, main, domain) if label != main else None
             if diff is not None:
