@@ -14,13 +14,13 @@ from metabench.backbones import create_backbone
 from metabench.learners.smat.losses import LagrangianSparsity, distillation
 from metabench.nn.expert_merge import (
     EvaluationMerge,
+    GateCache,
     expected_density_backward,
     recomputed_updates,
-    training_density,
+    training_statistics,
 )
 from metabench.nn.sparse_experts import (
     L0_SHIFT,
-    GateCache,
     SparseInterpolatedExperts,
     classify,
     fixed_masks,
@@ -157,7 +157,7 @@ def test_recomputed_gates_give_the_gate_cache_gradients(vit, structured, noise, 
     assert cached.keys() == recomputed.keys()
     for key in cached:
         torch.testing.assert_close(recomputed[key], cached[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert torch.equal(training_density(experts, 7), experts.density(cache.z))
+    assert torch.equal(training_statistics(experts, 7)[0], experts.density(cache.z))
 
 
 @pytest.mark.parametrize(("kind", "structured", "layer_types"), [

@@ -4,9 +4,9 @@ SMAT (Chen et al., ICML 2024) meta-tunes one shared dense delta and M learned ma
 pretrained weights; a task model interpolates the pretrained model with the soft merge of the experts.
 This module knows parameters, masks and merging only: no episodes, losses or optimisers.
 
-Masks are hard-concrete gates (Louizos et al., 2018) with beta 2/3, gamma -0.1, zeta 1.1 and log-alpha
-kept in [-4.61, 4.61]. As upstream the gate is deterministic by default (no logistic noise), and then
-training and evaluation use the *same* gate (upstream evaluated with beta 1, a train/test mismatch).
+Masks are hard-concrete gates (``metabench.nn.hard_concrete``: Louizos et al., 2018, beta 2/3, gamma -0.1,
+zeta 1.1) with log-alpha kept in [-4.61, 4.61]. As upstream the gate is deterministic by default (no logistic
+noise), and then training and evaluation use the *same* gate (upstream evaluated with beta 1, a train/test mismatch).
 With ``noise=True`` training samples the gate and evaluation uses Louizos' test-time estimator.
 
 Storage: one tensor ``[M, *mask_shape]`` of mask logits per target, so M only multiplies masks.
@@ -20,53 +20,28 @@ densities: a uniformly random subset, or magnitude pruning, the largest |theta_p
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from metabench.nn.expert_targets import LAYER_TYPES, ExpertTarget, classify, fixed_masks, select_targets
+from metabench.nn.hard_concrete import L0_SHIFT, LOG_ALPHA_BOUND, MaskKernels, hard_concrete, hard_concrete_backward
 
 __all__ = [
     "LAYER_TYPES",
     "MASK_KINDS",
+    "L0_SHIFT",
     "ExpertTarget",
-    "GateCache",
     "SparseInterpolatedExperts",
     "classify",
     "fixed_masks",
     "hard_concrete",
+    "hard_concrete_backward",
     "select_targets",
 ]
 
-BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
-LOG_ALPHA_BOUND = 4.61
-L0_SHIFT = -BETA * math.log(-GAMMA / ZETA)  # P(gate > 0) = sigmoid(log_alpha + L0_SHIFT); about 1.599
 MASK_KINDS: tuple[str, ...] = ("learned", "random", "magnitude", "dense")
-
-
-def hard_concrete(log_alpha: Tensor, noise: Tensor | None = None, beta: float = BETA) -> Tensor:
-    """Hard-concrete gate in [0, 1]; ``noise`` is logistic noise log(u) - log(1 - u) (None: deterministic)."""
-    x = log_alpha if noise is None else log_alpha + noise
-    if torch.is_grad_enabled() and x.requires_grad:
-        return (torch.sigmoid(x / beta) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-    # No graph to record: the same operations in place on one buffer (M x |theta| floats on a ViT-S).
-    return (x / beta).sigmoid_().mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0.0, 1.0)
-
-
-def hard_concrete_backward(grad: Tensor, log_alpha: Tensor, noise: Tensor | None = None,
-                           beta: float = BETA) -> Tensor:
-    """``grad`` times the Jacobian of ``hard_concrete`` at ``log_alpha``: the operations autograd would
-    run, without recording the forward graph (three buffers instead of about ten). Overwrites ``grad``."""
-    x = log_alpha if noise is None else log_alpha + noise
-    s = (x / beta).sigmoid_()
-    pre = s * (ZETA - GAMMA) + GAMMA  # the clamp passes gradient where 0 <= pre <= 1
-    grad.masked_fill_((pre >= 0.0).logical_and_(pre <= 1.0).logical_not_(), 0.0)
-    del pre
-    return torch.ops.aten.sigmoid_backward(grad.mul_(ZETA - GAMMA), s).div_(beta)
-
-
 
 
 class SparseInterpolatedExperts(nn.Module):
@@ -118,6 +93,17 @@ class SparseInterpolatedExperts(nn.Module):
         self._by_param: dict[str, list[ExpertTarget]] = {}
         for t in self.targets:
             self._by_param.setdefault(t.param, []).append(t)
+        self.kernels: MaskKernels | None = None  # fused training jobs of learned masks (``use_fused_kernels``)
+
+    def use_fused_kernels(self, enabled: bool) -> None:
+        """Run the training gates, their gradient and the density jobs as fused kernels (learned masks only)."""
+        self.kernels = MaskKernels(self.noise) if enabled and self.kind == "learned" else None
+
+    def fused(self) -> bool:
+        """Whether the fused kernels run here (set, and compiled on this device)."""
+        if self.kernels is None:
+            return False
+        return self.kernels.ready(next(iter(self.mask_logits.values())).device)
 
     @staticmethod
     def _slice(named: Mapping[str, Tensor], t: ExpertTarget) -> Tensor:
@@ -276,28 +262,4 @@ class SparseInterpolatedExperts(nn.Module):
                 inter += nz @ nz.T * t.repeat
         size = inter.diagonal()
         return inter, size[:, None] + size[None, :] - inter
-
-
-class GateCache:
-    """Gates computed once per meta-update and shared by all of its tasks.
-
-    Tasks back-propagate into detached gate leaves, where dL/dz accumulates; ``flush`` then pushes the
-    accumulated gradient through the gate function to the mask logits, one target at a time. The
-    [M, *shape] gate graph is thus built once per update, not once per task, and never for all
-    targets at once, which keeps the memory of elementwise masks on a ViT-S near 4 x M x |theta|.
-    """
-
-    def __init__(self, experts: SparseInterpolatedExperts, noise_seed: int = 0) -> None:
-        self.experts, self.noise_seed = experts, noise_seed
-        with torch.no_grad():
-            gates = experts.gates(training=True, noise_seed=noise_seed) or {}
-        self.z = {k: v.detach().requires_grad_(experts.kind == "learned") for k, v in gates.items()}
-
-    def flush(self) -> None:
-        """Add the accumulated gate gradients to the mask logits' ``.grad``."""
-        for t in self.experts.targets:
-            leaf = self.z.get(t.key)
-            if leaf is not None and leaf.grad is not None:
-                self.experts.accumulate_gate_grad(t, leaf.grad, noise_seed=self.noise_seed)
-                leaf.grad = None
 

@@ -18,6 +18,8 @@ TeacherData = Literal["query", "support"]
 DeltaOptimizer = Literal["sgd", "adamw"]
 Schedule = Literal["warmup_cosine", "upstream_epochs"]
 GateMemory = Literal["cache", "recompute"]
+MaskKernelMode = Literal["auto", "compiled", "eager"]
+FUSED_KERNELS_FROM = 2**24  # learner.mask_kernels=auto fuses elementwise masks of this many entries (M x |theta|)
 
 
 @dataclass
@@ -44,6 +46,10 @@ class SMATConfig(LearnerConfig):
     gate_memory: GateMemory = "cache"  # cache: the update's M x |theta| training gates and their gradient are kept
         # (gates computed once per update) | recompute: each task's backward recomputes them one tensor at a time
         # (2 x M x |theta| floats less, about 1.4 GB on an elementwise ViT-S; costs gate passes per task)
+    mask_kernels: MaskKernelMode = "auto"  # compiled: the masks' training jobs as fused torch.compile kernels (one
+        # pass over the logits per job instead of ~5; a C++ compiler or Triton, else eager with a warning) | eager |
+        # auto: compiled for elementwise masks of >= 2^24 entries (a ViT-S has 170M), eager below (compiling costs
+        # seconds to a minute, once per machine)
     router_tokens: int = 4
     router_heads: int = 4
     router_mlp_ratio: float = 2.0
@@ -84,6 +90,12 @@ class SMATConfig(LearnerConfig):
     schedule_first_lr: float = 1e-6  # upstream_epochs: the first epoch's absolute rate (delta, masks, multipliers;
         # the router's factor is 0 then, as upstream's warm-up gives it)
     batch_size: int = 128  # images per backbone forward
+
+    def fused_kernels(self, mask_entries: int) -> bool:
+        """Whether ``learner.mask_kernels`` fuses masks of ``mask_entries`` (M x |theta|) entries."""
+        if self.mask_kernels == "auto":
+            return not self.structured and mask_entries >= FUSED_KERNELS_FROM
+        return self.mask_kernels == "compiled"
 
     def __post_init__(self) -> None:
         check_choices(self, "learner.")  # a config built in code (a run's config is checked as it loads)

@@ -55,13 +55,14 @@ from metabench.learners.smat.optim import SMATOptimisation
 from metabench.learners.smat.probes import SMATProbes
 from metabench.nn.expert_merge import (
     EvaluationMerge,
+    GateCache,
     expected_density_backward,
     recomputed_updates,
-    training_density,
+    training_statistics,
 )
 from metabench.nn.heads import class_prototypes, embed
 from metabench.nn.router import TaskRouter
-from metabench.nn.sparse_experts import GateCache, SparseInterpolatedExperts
+from metabench.nn.sparse_experts import SparseInterpolatedExperts
 from metabench.probes import read_mask_allocation
 
 __all__ = ["SMAT", "SMATConfig", "SMATState"]
@@ -117,6 +118,7 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
             dict(backbone.named_parameters()), n_experts=cfg.n_experts, pattern=cfg.target,
             layer_types=cfg.layer_types, structured=cfg.structured, kind=self.mask_kind, density=1.0 - cfg.sparsity,
             densities=allocation, init_mean=cfg.mask_init_mean, init_std=cfg.mask_init_std, noise=cfg.mask_noise)
+        self.experts.use_fused_kernels(cfg.fused_kernels(self.experts.n_experts * self.experts.total))
         self.router = TaskRouter(backbone.feature_dim, cfg.n_experts, n_tokens=cfg.router_tokens,
                                  heads=cfg.router_heads, mlp_ratio=cfg.router_mlp_ratio,
                                  spectral_norm=cfg.router_spectral_norm)
@@ -261,19 +263,31 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
 
     # -- meta-training -------------------------------------------------------------------------------
 
-    def _sparsity_backward(self, cache: GateCache | None, weights: Tensor | None) -> None:
+    def _mask_statistics(self, cache: GateCache | None, gates: Mapping[str, Tensor] | None,
+                         seed: int) -> tuple[Tensor, Tensor | None]:
+        """(measured density of this update's training gates ``[M]``, expected density without its graph, None for
+        fixed masks), from the gates' own fused pass when there was one."""
+        if cache is not None and cache.density is not None:
+            return cache.density, cache.expected
+        if self.learns_masks and self.cfg.gate_memory == "recompute":
+            return training_statistics(self.experts, seed)
+        if not self.learns_masks:
+            return self.experts.density(gates), None
+        with torch.no_grad():
+            return self.experts.density(gates), self.experts.expected_density()
+
+    def _sparsity_backward(self, cache: GateCache | None, weights: Tensor | None, expected: Tensor) -> None:
         """The constraint's (and orthogonality's) gradient, and the cached gates' gradient, to the mask logits. The
         expected density's gradient streams one tensor at a time, so its M x |theta| sigmoids are never all held."""
-        with torch.no_grad():
-            expected = self.experts.expected_density()
-        expected.requires_grad_(True)
+        expected = expected.detach().requires_grad_(True)
         penalty = self.lagrangian.penalty(expected, weights)
         if cache is not None and self.cfg.ortho_weight > 0:
             penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(cache.z)
         self._backward(penalty)
-        expected_density_backward(self.experts, expected.grad)
         if cache is not None:
-            cache.flush()
+            cache.flush(expected.grad)
+        else:
+            expected_density_backward(self.experts, expected.grad)
 
     def meta_train_step(self, episodes: Sequence[Episode]) -> dict[str, float]:
         self._maybe_scaler()
@@ -295,9 +309,9 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
         weights = (average_tensor(torch.stack([o.alpha for o in outcomes]).mean(0))
                    if self.cfg.constraint_weighting == "alpha" else None)
         with torch.profiler.record_function("smat.masks"):
-            density = training_density(self.experts, seed) if recompute else self.experts.density(gates)
+            density, expected = self._mask_statistics(cache, gates, seed)
             if self.learns_masks and self.lagrangian is not None:
-                self._sparsity_backward(cache, weights)
+                self._sparsity_backward(cache, weights, expected)
         lr = self.optimizers["delta"].param_groups[0]["lr"]  # the rate this update used
         with torch.profiler.record_function("smat.optimizer"):
             self._step()

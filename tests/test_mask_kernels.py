@@ -1,0 +1,134 @@
+"""The fused mask kernels (metabench.nn.hard_concrete.MaskKernels, learner.mask_kernels=compiled) against the eager
+path they replace: the same gates, densities and gradients to float rounding. Elementwise results agree to 1e-6 of
+their scale (measured: bit for bit); sums over a tensor's entries, and gradients that pass back through a network
+whose merged weights differ in the last bit, to 1e-5 (float32 summation order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metabench.backbones import create_backbone
+from metabench.learners import create_learner
+from metabench.learners.smat import SMATConfig
+from metabench.nn.expert_merge import GateCache, expected_density_backward, recomputed_updates, training_statistics
+from metabench.nn.hard_concrete import MaskKernels
+from metabench.nn.sparse_experts import SparseInterpolatedExperts
+from tests.test_smat import _episode
+
+
+@pytest.fixture(scope="module")
+def vit() -> nn.Module:
+    torch.manual_seed(0)
+    return create_backbone("vit_test").requires_grad_(False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiler() -> None:
+    for noise in (False, True):
+        if not MaskKernels(noise).ready(torch.device("cpu")):
+            pytest.skip("torch.compile has no working C++ compiler here; the eager path is tested elsewhere")
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-6, what: str = "") -> None:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert float((actual - expected).abs().max()) <= tol * (float(expected.abs().max()) or 1.0), what
+
+
+def _experts(vit: nn.Module, noise: bool, fused: bool) -> SparseInterpolatedExperts:
+    experts = SparseInterpolatedExperts(_params(vit), n_experts=3, noise=noise, init_mean=0.5, init_std=2.0,
+                                        generator=torch.Generator().manual_seed(2))
+    for d in experts.delta.values():
+        d.data.normal_(std=0.1, generator=torch.Generator().manual_seed(3))
+    experts.use_fused_kernels(fused)
+    assert experts.fused() is fused
+    return experts
+
+
+def _task_grads(vit: nn.Module, experts: SparseInterpolatedExperts, merge) -> dict[str, torch.Tensor]:
+    """Two tasks' backward through ``merge(alpha)``: alpha's gradients, and what delta and the logits hold."""
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    out = {}
+    for i, row in enumerate(torch.tensor([[0.1, -0.4, 0.9], [1.2, 0.3, -0.2]])):
+        leaf = row.clone().requires_grad_()
+        functional_call(vit, experts.merge(_params(vit), merge(leaf.softmax(0))), (x,)).square().mean().backward()
+        out[f"alpha{i}"] = leaf.grad
+    return out
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_fused_gate_cache_matches_the_eager_one(vit, noise: bool) -> None:
+    """Gates, density, expected density, and the flushed logit gradient (the gates' and the density's)."""
+    runs = {}
+    for fused in (False, True):
+        experts = _experts(vit, noise, fused)
+        cache = GateCache(experts, noise_seed=7)
+        density, expected = (cache.density, cache.expected) if fused else (
+            experts.density(cache.z), experts.expected_density().detach())
+        grads = _task_grads(vit, experts, lambda alpha, c=cache, e=experts: e.updates(alpha, c.z))
+        cache.flush(torch.tensor([0.7, -1.3, 2.1]))
+        runs[fused] = (cache.z, density, expected, grads,
+                       {k: p.grad.clone() for k, p in experts.mask_logits.items()})
+    (z0, d0, e0, g0, l0), (z1, d1, e1, g1, l1) = runs[False], runs[True]
+    for k in z0:
+        _close(z1[k], z0[k], what=f"gate {k}")
+        _close(l1[k], l0[k], what=f"logit gradient {k}")
+    assert torch.equal(d1, d0)
+    _close(e1, e0, 1e-5, "expected density")
+    for k in g0:
+        _close(g1[k], g0[k], 1e-5, k)
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_fused_recomputed_merge_matches_the_eager_one(vit, noise: bool) -> None:
+    """learner.gate_memory=recompute: alpha, delta and logit gradients, statistics, and the density's gradient."""
+    runs = {}
+    for fused in (False, True):
+        experts = _experts(vit, noise, fused)
+        grads = _task_grads(vit, experts, lambda alpha, e=experts: recomputed_updates(e, alpha, 7))
+        density, expected = training_statistics(experts, 7)
+        deltas = {k: p.grad.clone() for k, p in experts.delta.items()}
+        expected_density_backward(experts, torch.tensor([0.7, -1.3, 2.1]))
+        runs[fused] = (grads, deltas, density, expected, {k: p.grad.clone() for k, p in experts.mask_logits.items()})
+    (g0, dl0, d0, e0, l0), (g1, dl1, d1, e1, l1) = runs[False], runs[True]
+    for k in g0:
+        _close(g1[k], g0[k], 1e-5, k)
+    for k in dl0:
+        _close(dl1[k], dl0[k], 1e-5, f"delta gradient {k}")
+        _close(l1[k], l0[k], 1e-5, f"logit gradient {k}")  # two tasks' sums: merged masks' float order
+    assert torch.equal(d1, d0)
+    _close(e1, e0, 1e-5, "expected density")
+
+
+@pytest.mark.parametrize("memory", ["cache", "recompute"])
+def test_a_compiled_meta_update_takes_the_eager_gradients(memory: str) -> None:
+    """learner.mask_kernels=compiled: one SMAT update of two tasks leaves the eager update's gradients and metrics."""
+    runs = {}
+    for kernels in ("eager", "compiled"):
+        torch.manual_seed(0)
+        learner = create_learner("smat", create_backbone("vit_test"),
+                                 SMATConfig(name="smat", gate_memory=memory, mask_kernels=kernels))
+        assert learner.experts.fused() is (kernels == "compiled")
+        learner.setup_training(2)
+        torch.manual_seed(5)
+        metrics = learner.meta_train_step([_episode(0), _episode(1)])
+        runs[kernels] = metrics, {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+    (m0, g0), (m1, g1) = runs["eager"], runs["compiled"]
+    assert g0.keys() == g1.keys() and any("mask_logits" in n for n in g0)
+    for name in g0:
+        _close(g1[name], g0[name], 1e-5, name)
+    assert m1["sparsity"] == m0["sparsity"] and m1["loss"] == pytest.approx(m0["loss"], rel=1e-6)
+
+
+def test_auto_fuses_only_large_elementwise_masks() -> None:
+    cfg = SMATConfig(name="smat")
+    assert cfg.fused_kernels(8 * 21_000_000) and not cfg.fused_kernels(8 * 100_000)
+    assert not SMATConfig(name="smat", structured=True).fused_kernels(8 * 21_000_000)
+    assert not SMATConfig(name="smat", mask_kernels="eager").fused_kernels(8 * 21_000_000)
+    assert SMATConfig(name="smat", mask_kernels="compiled").fused_kernels(10)
