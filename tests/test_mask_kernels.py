@@ -13,8 +13,8 @@ from torch.func import functional_call
 from metabench.backbones import create_backbone
 from metabench.learners import create_learner
 from metabench.learners.smat import SMATConfig
-from metabench.nn.expert_merge import GateCache, expected_density_backward, recomputed_updates, training_statistics
-from metabench.nn.hard_concrete import MaskKernels
+from metabench.nn.expert_merge import FusedMerge, GateCache
+from metabench.nn.hard_concrete import L0_SHIFT, MaskKernels, hard_concrete, hard_concrete_backward
 from metabench.nn.sparse_experts import SparseInterpolatedExperts
 from tests.test_smat import _episode
 
@@ -52,7 +52,7 @@ def _experts(vit: nn.Module, noise: bool, fused: bool) -> SparseInterpolatedExpe
 
 
 def _task_grads(vit: nn.Module, experts: SparseInterpolatedExperts, merge) -> dict[str, torch.Tensor]:
-    """Two tasks' backward through ``merge(alpha)``: alpha's gradients, and what delta and the logits hold."""
+    """Two tasks' backward through ``merge(alpha)``; alpha's gradients."""
     x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     out = {}
     for i, row in enumerate(torch.tensor([[0.1, -0.4, 0.9], [1.2, 0.3, -0.2]])):
@@ -63,52 +63,52 @@ def _task_grads(vit: nn.Module, experts: SparseInterpolatedExperts, merge) -> di
 
 
 @pytest.mark.parametrize("noise", [False, True])
-def test_fused_gate_cache_matches_the_eager_one(vit, noise: bool) -> None:
-    """Gates, density, expected density, and the flushed logit gradient (the gates' and the density's)."""
+def test_the_fused_merge_takes_the_gate_cache_gradients(vit, noise: bool) -> None:
+    """Two tasks' alpha and delta gradients, the update's statistics, and the mask logits' gradient (the gates' and
+    the expected density's) as the eager GateCache gives them."""
     runs = {}
     for fused in (False, True):
         experts = _experts(vit, noise, fused)
-        cache = GateCache(experts, noise_seed=7)
-        density, expected = (cache.density, cache.expected) if fused else (
-            experts.density(cache.z), experts.expected_density().detach())
-        grads = _task_grads(vit, experts, lambda alpha, c=cache, e=experts: e.updates(alpha, c.z))
-        cache.flush(torch.tensor([0.7, -1.3, 2.1]))
-        runs[fused] = (cache.z, density, expected, grads,
-                       {k: p.grad.clone() for k, p in experts.mask_logits.items()})
-    (z0, d0, e0, g0, l0), (z1, d1, e1, g1, l1) = runs[False], runs[True]
-    for k in z0:
-        _close(z1[k], z0[k], what=f"gate {k}")
-        _close(l1[k], l0[k], what=f"logit gradient {k}")
-    assert torch.equal(d1, d0)
-    _close(e1, e0, 1e-5, "expected density")
-    for k in g0:
-        _close(g1[k], g0[k], 1e-5, k)
-
-
-@pytest.mark.parametrize("noise", [False, True])
-def test_fused_recomputed_merge_matches_the_eager_one(vit, noise: bool) -> None:
-    """learner.gate_memory=recompute: alpha, delta and logit gradients, statistics, and the density's gradient."""
-    runs = {}
-    for fused in (False, True):
-        experts = _experts(vit, noise, fused)
-        grads = _task_grads(vit, experts, lambda alpha, e=experts: recomputed_updates(e, alpha, 7))
-        density, expected = training_statistics(experts, 7)
+        if fused:
+            merge = FusedMerge(experts, noise_seed=7)
+            grads, (density, expected) = _task_grads(vit, experts, merge.updates), merge.statistics()
+        else:
+            cache = GateCache(experts, noise_seed=7)
+            grads = _task_grads(vit, experts, lambda alpha, c=cache, e=experts: e.updates(alpha, c.z))
+            density, expected = experts.density(cache.z), experts.expected_density().detach()
+            merge = cache
         deltas = {k: p.grad.clone() for k, p in experts.delta.items()}
-        expected_density_backward(experts, torch.tensor([0.7, -1.3, 2.1]))
+        merge.flush(torch.tensor([0.7, -1.3, 2.1]))
         runs[fused] = (grads, deltas, density, expected, {k: p.grad.clone() for k, p in experts.mask_logits.items()})
     (g0, dl0, d0, e0, l0), (g1, dl1, d1, e1, l1) = runs[False], runs[True]
     for k in g0:
         _close(g1[k], g0[k], 1e-5, k)
     for k in dl0:
         _close(dl1[k], dl0[k], 1e-5, f"delta gradient {k}")
-        _close(l1[k], l0[k], 1e-5, f"logit gradient {k}")  # two tasks' sums: merged masks' float order
+    for k in l0:
+        _close(l1[k], l0[k], 1e-5, f"logit gradient {k}")  # the two tasks' sum in another float order
     assert torch.equal(d1, d0)
     _close(e1, e0, 1e-5, "expected density")
 
 
+def test_fused_kernels_give_the_eager_operations_results() -> None:
+    """One task's gate gradient and update, directly: the elementwise results are the eager ones to 1e-6."""
+    g = torch.Generator().manual_seed(0)
+    la, alpha = (torch.randn(4, 6, 5, generator=g) * 2).clamp(-4.61, 4.61), torch.rand(4, generator=g)
+    delta, grad, scale = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g), torch.rand(4, generator=g)
+    kernels = MaskKernels()
+    z = hard_concrete(la)
+    _close(kernels("merge", la, None, alpha, delta), torch.tensordot(alpha, z, dims=1) * delta, what="update")
+    eager = hard_concrete_backward(alpha[:, None, None] * grad * delta, la)
+    p_open = torch.sigmoid(la + L0_SHIFT)
+    eager += scale[:, None, None] * (1 - p_open) * p_open
+    _close(kernels("flush", la, None, alpha[None], (grad * delta)[None], scale), eager, what="logit gradient")
+
+
 @pytest.mark.parametrize("memory", ["cache", "recompute"])
 def test_a_compiled_meta_update_takes_the_eager_gradients(memory: str) -> None:
-    """learner.mask_kernels=compiled: one SMAT update of two tasks leaves the eager update's gradients and metrics."""
+    """learner.mask_kernels=compiled: one SMAT update of two tasks leaves the eager update's gradients and metrics,
+    whichever gate memory the eager one keeps."""
     runs = {}
     for kernels in ("eager", "compiled"):
         torch.manual_seed(0)

@@ -75,7 +75,7 @@ def test_gradients_reach_only_delta_masks_and_router_and_the_backbone_stays_froz
     _randomise_delta(learner)
     frozen = {n: p.clone() for n, p in learner.backbone.named_parameters()}
     cache_gates = learner.experts.gates()
-    outcome = learner._task_loss(_episode(2), cache_gates, sample=True)
+    outcome = learner._task_loss(_episode(2), lambda alpha: learner.experts.updates(alpha, cache_gates), sample=True)
     outcome.loss.backward()
     with_grad = {n for n, p in learner.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad and all(n.startswith(("experts.delta.", "experts.mask_logits.", "router.")) for n in with_grad)

@@ -6,8 +6,9 @@
 gates in backward, one target at a time, and sends their gradient straight to the mask logits, so an update never
 holds the M x |theta| gates and their gradient (``learner.gate_memory=recompute``).
 
-With ``experts.use_fused_kernels(True)`` each of these jobs runs as one fused kernel per target
-(``metabench.nn.hard_concrete.MaskKernels``) instead of a chain of eager passes; the numbers agree to rounding.
+``FusedMerge``: the training merge in fused kernels (``experts.use_fused_kernels(True)``,
+``metabench.nn.hard_concrete.MaskKernels``): no gates and no gate gradients held, one loop per job and weight
+instead of a chain of eager passes; the numbers agree with the other two to rounding.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from metabench.nn.expert_targets import ExpertTarget
 from metabench.nn.hard_concrete import L0_SHIFT, hard_concrete, hard_concrete_backward
 from metabench.nn.sparse_experts import SparseInterpolatedExperts
 
-__all__ = ["EvaluationMerge", "GateCache", "expected_density_backward", "recomputed_updates", "training_statistics"]
+__all__ = ["EvaluationMerge", "FusedMerge", "GateCache", "expected_density_backward", "recomputed_updates",
+           "training_statistics"]
 
 
 class EvaluationMerge:
@@ -103,7 +105,7 @@ def _fuses(experts: SparseInterpolatedExperts, t: ExpertTarget, fused: bool) -> 
     """Whether target ``t`` runs fused: elementwise masks of a Linear weight, ``[M, out, in]`` (one compiled graph
     serves them all; biases, norms and tokens, a fraction of a percent of the entries, stay eager)."""
     shape = experts.mask_logits[t.key].shape
-    return fused and len(shape) == 3 and min(shape[1:]) > 1
+    return fused and len(shape) == 3 and min(shape[1:]) > 1 and shape[1:] == experts.delta[t.key].shape
 
 
 def _fused_inputs(experts: SparseInterpolatedExperts, t: ExpertTarget, seed: int) -> tuple[Tensor, Tensor | None]:
@@ -120,12 +122,6 @@ def _add_grad(p: Tensor, g: Tensor) -> None:
     p.grad = g if p.grad is None else p.grad.add_(g)
 
 
-def _open_counts(experts: SparseInterpolatedExperts, t: ExpertTarget, gate: Tensor) -> tuple[Tensor, Tensor]:
-    """Eagerly, a target's (open gates per expert, sum of P(open) per expert), as the fused kernels count them."""
-    p_sum = torch.sigmoid(experts.mask_logits[t.key].detach() + L0_SHIFT).flatten(1).sum(1)
-    return (gate > 0).flatten(1).sum(1, dtype=torch.int32), p_sum
-
-
 class GateCache:
     """Gates computed once per meta-update and shared by all of its tasks.
 
@@ -133,78 +129,40 @@ class GateCache:
     accumulated gradient through the gate function to the mask logits, one target at a time. The
     [M, *shape] gate graph is thus built once per update, not once per task, and never for all
     targets at once, which keeps the memory of elementwise masks on a ViT-S near 4 x M x |theta|.
-    With fused kernels the gates' pass also counts their open entries and the expected density
-    (``density``, ``expected``: no further pass over the logits this update).
     """
 
     def __init__(self, experts: SparseInterpolatedExperts, noise_seed: int = 0) -> None:
         self.experts, self.noise_seed = experts, noise_seed
-        self.density: Tensor | None = None
-        self.expected: Tensor | None = None
         with torch.no_grad():
-            gates = self._fused_gates() if experts.fused() else experts.gates(training=True, noise_seed=noise_seed)
-        self.z = {k: v.detach().requires_grad_(experts.kind == "learned") for k, v in (gates or {}).items()}
-
-    def _fused_gates(self) -> dict[str, Tensor]:
-        ex, gates, count, expected = self.experts, {}, 0.0, 0.0
-        for t in ex.targets:
-            if _fuses(ex, t, True):
-                gates[t.key], open_count, p_sum = ex.kernels("gates", *_fused_inputs(ex, t, self.noise_seed))  # type: ignore[misc]
-            else:
-                gates[t.key] = ex.gate(t, training=True, noise_seed=self.noise_seed)
-                open_count, p_sum = _open_counts(ex, t, gates[t.key])
-            count = count + open_count.double() * t.repeat
-            expected = expected + p_sum * t.repeat
-        self.density = (count / ex.total).float()  # type: ignore[operator]
-        self.expected = expected / ex.total  # type: ignore[operator]
-        return gates
+            gates = experts.gates(training=True, noise_seed=noise_seed) or {}
+        self.z = {k: v.detach().requires_grad_(experts.kind == "learned") for k, v in gates.items()}
 
     def flush(self, density_grad: Tensor | None = None) -> None:
         """Add ``density_grad`` (dL/d ``experts.expected_density()``, ``[M]``) through the expected density, and the
         accumulated gate gradients, to the mask logits' ``.grad``."""
-        ex = self.experts
-        fused = ex.fused()
-        for t in ex.targets:
+        if density_grad is not None:
+            expected_density_backward(self.experts, density_grad)
+        for t in self.experts.targets:
             leaf = self.z.get(t.key)
-            grad_z = None if leaf is None else leaf.grad
-            if _fuses(ex, t, fused) and density_grad is not None and grad_z is not None:
-                la, noise = _fused_inputs(ex, t, self.noise_seed)
-                _add_grad(ex.mask_logits[t.key], ex.kernels("flush", la, noise, grad_z,  # type: ignore[misc]
-                                                            _per_entry(ex, t, density_grad)))
-            else:
-                if density_grad is not None:
-                    _density_backward(ex, t, density_grad, fused)
-                if grad_z is not None:
-                    ex.accumulate_gate_grad(t, grad_z, noise_seed=self.noise_seed)
-            if leaf is not None:
+            if leaf is not None and leaf.grad is not None:
+                self.experts.accumulate_gate_grad(t, leaf.grad, noise_seed=self.noise_seed)
                 leaf.grad = None
 
 
 class _RecomputedUpdate(torch.autograd.Function):
-    """u = (sum_m alpha_m z_m) * delta of one target, z = hard_concrete(log_alpha [+ noise]) recomputed in backward
-    (with fused kernels and elementwise masks: never held as a tensor, made inside the merge's kernels)."""
+    """u = (sum_m alpha_m z_m) * delta of one target, z = hard_concrete(log_alpha [+ noise]) recomputed in backward."""
 
     @staticmethod
     def forward(ctx: Any, alpha: Tensor, delta: Tensor, log_alpha: Tensor, experts: SparseInterpolatedExperts,
                 t: ExpertTarget, seed: int) -> Tensor:
         ctx.experts, ctx.t, ctx.seed = experts, t, seed
-        ctx.fused = _fuses(experts, t, experts.fused()) and log_alpha.shape[1:] == delta.shape
         ctx.save_for_backward(alpha, delta, log_alpha)
-        if ctx.fused:
-            la, noise = _fused_inputs(experts, t, seed)
-            return experts.kernels("merge", la, noise, alpha.to(la.dtype), delta.detach())
         z, _ = _training_gate(experts, t, seed)
         return torch.tensordot(alpha.to(z.dtype), z, dims=1) * delta
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        alpha, delta, log_alpha = ctx.saved_tensors
-        if ctx.fused:
-            la, noise = _fused_inputs(ctx.experts, ctx.t, ctx.seed)
-            grad = grad.clone() if grad._is_view() else grad  # a view would make the compiled graph guard on its base
-            d_delta, d_alpha, d_logits = ctx.experts.kernels("merge_backward", la, noise, alpha.to(la.dtype),
-                                                             delta.detach(), grad)
-            return (d_alpha.to(alpha.dtype), d_delta if ctx.needs_input_grad[1] else None, d_logits, None, None, None)
+        alpha, delta, _ = ctx.saved_tensors
         z, noise = _training_gate(ctx.experts, ctx.t, ctx.seed)
         a = alpha.to(z.dtype)
         d_delta = grad * torch.tensordot(a, z, dims=1) if ctx.needs_input_grad[1] else None
@@ -212,7 +170,7 @@ class _RecomputedUpdate(torch.autograd.Function):
         d_alpha = (z.flatten(1) @ gd.flatten()).to(alpha.dtype)
         del z
         d_gate = a.view(-1, *([1] * gd.dim())) * gd  # dL/dz_m = alpha_m dL/d(merged mask)
-        d_logits = hard_concrete_backward(d_gate, log_alpha.detach(), noise)
+        d_logits = hard_concrete_backward(d_gate, ctx.experts.mask_logits[ctx.t.key].detach(), noise)
         return d_alpha, d_delta, d_logits, None, None, None
 
 
@@ -226,17 +184,84 @@ def recomputed_updates(experts: SparseInterpolatedExperts, alpha: Tensor, seed: 
             for t in experts.targets}
 
 
+class _FusedUpdate(torch.autograd.Function):
+    """``_RecomputedUpdate`` in fused kernels: the backward returns no mask-logit gradient but leaves the task's
+    (alpha, dL/d merged mask) with its ``FusedMerge``, which turns every task's into one gradient at ``flush``."""
+
+    @staticmethod
+    def forward(ctx: Any, alpha: Tensor, delta: Tensor, merge: FusedMerge, t: ExpertTarget) -> Tensor:
+        ctx.merge, ctx.t = merge, t
+        ctx.save_for_backward(alpha, delta)
+        la, noise = merge.inputs(t)
+        return merge.experts.kernels("merge", la, noise, alpha.to(la.dtype), delta.detach())  # type: ignore[misc]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        alpha, delta = ctx.saved_tensors
+        la, noise = ctx.merge.inputs(ctx.t)
+        grad = grad.clone() if grad._is_view() else grad  # a view would make the compiled graph guard on its base
+        d_delta, d_alpha = ctx.merge.experts.kernels("merge_grads", la, noise, alpha.to(la.dtype), delta.detach(), grad)
+        ctx.merge.pending.setdefault(ctx.t.key, []).append((alpha.detach().to(la.dtype), grad * delta.detach()))
+        return d_alpha.to(alpha.dtype), d_delta if ctx.needs_input_grad[1] else None, None, None
+
+
+class FusedMerge:
+    """The training merge of one update with fused kernels (``experts.fused()``): gates are never held, made inside
+    each kernel from the mask logits, and a task's backward keeps only (alpha, dL/d merged mask), |theta| floats,
+    per Linear weight; ``flush`` sends every task's gradient and the expected density's through the gate to the
+    mask logits in one pass per weight. The gradients are the other modes' to rounding. The small targets (biases,
+    norms, tokens) merge as ``recomputed_updates`` does."""
+
+    def __init__(self, experts: SparseInterpolatedExperts, noise_seed: int = 0) -> None:
+        if not experts.fused():
+            raise ValueError("FusedMerge needs fused kernels (experts.use_fused_kernels(True), compiled here).")
+        self.experts, self.noise_seed = experts, noise_seed
+        self.pending: dict[str, list[tuple[Tensor, Tensor]]] = {}
+
+    def inputs(self, t: ExpertTarget) -> tuple[Tensor, Tensor | None]:
+        """Target ``t``'s mask logits (detached) and training noise, as the kernels take them."""
+        return _fused_inputs(self.experts, t, self.noise_seed)
+
+    def updates(self, alpha: Tensor) -> dict[str, Tensor]:
+        """Every target's training update for merge weights ``alpha``."""
+        ex = self.experts
+        return {t.key: (_FusedUpdate.apply(alpha, ex.delta[t.key], self, t) if _fuses(ex, t, True) else
+                        _RecomputedUpdate.apply(alpha, ex.delta[t.key], ex.mask_logits[t.key], ex, t, self.noise_seed))
+                for t in ex.targets}
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        """``training_statistics`` of this update's gates."""
+        return training_statistics(self.experts, self.noise_seed)
+
+    def flush(self, density_grad: Tensor) -> None:
+        """Add the tasks' gate gradients and ``density_grad`` (dL/d expected density ``[M]``) to the logits' grad."""
+        ex = self.experts
+        with torch.no_grad():
+            for t in ex.targets:
+                if not _fuses(ex, t, True):
+                    _density_backward(ex, t, density_grad)
+                    continue
+                la, noise = self.inputs(t)
+                tasks = self.pending.pop(t.key, [])
+                alphas = torch.stack([a for a, _ in tasks]) if tasks else torch.zeros(1, ex.n_experts, dtype=la.dtype)
+                grads = torch.stack([g for _, g in tasks]) if tasks else torch.zeros(1, *la.shape[1:], dtype=la.dtype)
+                _add_grad(ex.mask_logits[t.key], ex.kernels("flush", la, noise, alphas, grads,  # type: ignore[misc]
+                                                            _per_entry(ex, t, density_grad)))
+
+
 def training_statistics(experts: SparseInterpolatedExperts, seed: int) -> tuple[Tensor, Tensor]:
     """(``experts.density`` of the training gates of seed ``seed``, ``experts.expected_density()`` without its
-    graph), computed one target at a time (one fused pass per target with fused kernels)."""
+    graph), computed one target at a time (one fused pass per Linear weight with fused kernels)."""
     fused = experts.fused()
     count, expected = 0.0, 0.0
     with torch.no_grad():
         for t in experts.targets:
+            la, noise = _fused_inputs(experts, t, seed)
             if _fuses(experts, t, fused):
-                open_count, p_sum = experts.kernels("counts", *_fused_inputs(experts, t, seed))  # type: ignore[misc]
+                open_count, p_sum = experts.kernels("counts", la, noise)  # type: ignore[misc]
             else:
-                open_count, p_sum = _open_counts(experts, t, _training_gate(experts, t, seed)[0])
+                open_count = (hard_concrete(la, noise) > 0).flatten(1).sum(1, dtype=torch.int32)
+                p_sum = torch.sigmoid(la + L0_SHIFT).flatten(1).sum(1)
             count = count + open_count.double() * t.repeat
             expected = expected + p_sum * t.repeat
         if not fused:  # the eager expected density, bit for bit
@@ -244,14 +269,11 @@ def training_statistics(experts: SparseInterpolatedExperts, seed: int) -> tuple[
     return (count / experts.total).float(), expected / experts.total  # type: ignore[operator,return-value]
 
 
-def _density_backward(experts: SparseInterpolatedExperts, t: ExpertTarget, grad: Tensor, fused: bool) -> None:
+def _density_backward(experts: SparseInterpolatedExperts, t: ExpertTarget, grad: Tensor) -> None:
     """``expected_density_backward`` of one target."""
     log_alpha = experts.mask_logits[t.key]
     scale = _per_entry(experts, t, grad)
     with torch.no_grad():
-        if _fuses(experts, t, fused) and log_alpha.grad is not None:  # one pass: logits and gradient in, sum out
-            log_alpha.grad = experts.kernels("density", log_alpha.detach(), log_alpha.grad, scale)  # type: ignore[misc]
-            return
         p_open = torch.sigmoid(log_alpha.detach() + L0_SHIFT)
         g = torch.ops.aten.sigmoid_backward(scale.view(-1, *([1] * (p_open.dim() - 1))).expand_as(p_open), p_open)
         del p_open
@@ -260,8 +282,7 @@ def _density_backward(experts: SparseInterpolatedExperts, t: ExpertTarget, grad:
 
 def expected_density_backward(experts: SparseInterpolatedExperts, grad: Tensor) -> None:
     """Add ``grad`` ``[M]`` (dL/d ``experts.expected_density()``) through the expected density to the mask logits'
-    ``.grad``, one target at a time: the operations autograd runs (bit-identical eagerly), without keeping every
-    target's sigmoid (M x |theta| floats) from the forward to the backward pass."""
-    fused = experts.fused()
+    ``.grad``, one target at a time: the operations autograd runs (bit-identical), without keeping every target's
+    sigmoid (M x |theta| floats) from the forward to the backward pass."""
     for t in experts.targets:
-        _density_backward(experts, t, grad, fused)
+        _density_backward(experts, t, grad)

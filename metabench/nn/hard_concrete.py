@@ -80,30 +80,10 @@ def _density_gradient(log_alpha: Tensor, scale: Tensor) -> Tensor:
     return scale[:, None] * (1.0 - p_open) * p_open
 
 
-def _gates_job(log_alpha: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(training gates z, open entries per expert, sum of P(z > 0) per expert)."""
-    _, pre = _sigmoid_and_pre(log_alpha, noise)
-    z = pre.clamp(0.0, 1.0)
-    p_sum = torch.sigmoid(_rows(log_alpha) + L0_SHIFT).sum(1)
-    return z.view(log_alpha.shape), (z > 0).sum(1, dtype=torch.int32), p_sum
-
-
 def _counts_job(log_alpha: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``_gates_job`` without keeping the gates (recomputed gates)."""
+    """(open training gates per expert, sum of P(z > 0) per expert): the measured and the expected density."""
     _, pre = _sigmoid_and_pre(log_alpha, noise)
     return (pre > 0).sum(1, dtype=torch.int32), torch.sigmoid(_rows(log_alpha) + L0_SHIFT).sum(1)
-
-
-def _flush_job(log_alpha: Tensor, noise: Tensor | None, grad_gate: Tensor, scale: Tensor) -> Tensor:
-    """The mask logits' gradient: the gates' accumulated gradient through the gate, plus the expected density's."""
-    s, pre = _sigmoid_and_pre(log_alpha, noise)
-    grad = _gate_gradient(_rows(grad_gate), s, pre) + _density_gradient(log_alpha, scale)
-    return grad.view(log_alpha.shape)
-
-
-def _density_job(log_alpha: Tensor, grad: Tensor, scale: Tensor) -> Tensor:
-    """``grad`` plus the expected density's gradient (recomputed gates: the tasks already filled ``grad``)."""
-    return (_rows(grad) + _density_gradient(log_alpha, scale)).view(log_alpha.shape)
 
 
 def _merge_job(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor, delta: Tensor) -> Tensor:
@@ -112,19 +92,25 @@ def _merge_job(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor, delta: Te
     return ((alpha[:, None] * pre.clamp(0.0, 1.0)).sum(0) * delta.reshape(-1)).view(delta.shape)
 
 
-def _merge_backward_job(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor, delta: Tensor,
-                        grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(dL/ddelta, dL/dalpha, dL/dlog_alpha) of ``_merge_job`` given dL/du, the gates recomputed."""
-    s, pre = _sigmoid_and_pre(log_alpha, noise)
+def _merge_grads_job(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor, delta: Tensor,
+                     grad: Tensor) -> tuple[Tensor, Tensor]:
+    """(dL/ddelta, dL/dalpha) of ``_merge_job`` given dL/du, the gates made again on the fly."""
+    _, pre = _sigmoid_and_pre(log_alpha, noise)
     z = pre.clamp(0.0, 1.0)
-    grad, grad_mask = grad.reshape(-1), (grad * delta).reshape(-1)
-    d_logits = _gate_gradient(alpha[:, None] * grad_mask, s, pre).view(log_alpha.shape)
-    return (grad * (alpha[:, None] * z).sum(0)).view(delta.shape), (z * grad_mask).sum(1), d_logits
+    grad_mask = (grad * delta).reshape(-1)
+    return (grad.reshape(-1) * (alpha[:, None] * z).sum(0)).view(delta.shape), (z * grad_mask).sum(1)
 
 
-_JOBS: dict[str, Callable[..., Any]] = {"gates": _gates_job, "counts": _counts_job, "flush": _flush_job,
-                                        "density": _density_job, "merge": _merge_job,
-                                        "merge_backward": _merge_backward_job}
+def _flush_job(log_alpha: Tensor, noise: Tensor | None, alphas: Tensor, grad_masks: Tensor, scale: Tensor) -> Tensor:
+    """The mask logits' gradient of an update: its tasks' dL/dz_m = sum_t alpha_tm dL/d(merged mask_t) (``alphas``
+    [T, M], ``grad_masks`` [T, *mask_shape]) through the gate, plus the expected density's (``scale`` [M])."""
+    s, pre = _sigmoid_and_pre(log_alpha, noise)
+    grad_gate = (alphas[:, :, None] * grad_masks.reshape(grad_masks.shape[0], 1, -1)).sum(0)
+    return (_gate_gradient(grad_gate, s, pre) + _density_gradient(log_alpha, scale)).view(log_alpha.shape)
+
+
+_JOBS: dict[str, Callable[..., Any]] = {"counts": _counts_job, "merge": _merge_job, "merge_grads": _merge_grads_job,
+                                        "flush": _flush_job}
 _COMPILED: dict[str, Callable[..., Any]] = {}  # one compiled function per job, shared by every MaskKernels
 
 
@@ -139,9 +125,10 @@ def _probe_inputs(job: str, device: torch.device, noise: bool) -> tuple[Any, ...
     m, shape = 3, (5, 7)  # a Linear weight's elementwise masks
     la, vec = torch.randn(m, *shape, device=device), torch.randn(shape, device=device)
     per_expert, eps = torch.rand(m, device=device), torch.randn(m, *shape, device=device) if noise else None
-    return {"gates": (la, eps), "counts": (la, eps), "flush": (la, eps, torch.randn_like(la), per_expert),
-            "density": (la, torch.randn_like(la), per_expert), "merge": (la, eps, per_expert, vec),
-            "merge_backward": (la, eps, per_expert, vec, vec)}[job]
+    tasks = 2
+    return {"counts": (la, eps), "merge": (la, eps, per_expert, vec), "merge_grads": (la, eps, per_expert, vec, vec),
+            "flush": (la, eps, torch.rand(tasks, m, device=device), torch.randn(tasks, *shape, device=device),
+                      per_expert)}[job]
 
 
 class MaskKernels:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,6 +55,7 @@ from metabench.learners.smat.optim import SMATOptimisation
 from metabench.learners.smat.probes import SMATProbes
 from metabench.nn.expert_merge import (
     EvaluationMerge,
+    FusedMerge,
     GateCache,
     expected_density_backward,
     recomputed_updates,
@@ -229,19 +230,17 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
         with torch.no_grad():
             return self.logits(self._features(params, ep.query_x), head)
 
-    def _task_loss(self, ep: Episode, gates: Mapping[str, Tensor] | None, *, sample: bool,
-                   recompute_seed: int | None = None) -> _TaskOutcome:
-        """The per-task meta-training objective (steps 1-4 of the module docstring); ``recompute_seed``: merge
-        with gates recomputed in backward (``learner.gate_memory=recompute``) instead of ``gates``."""
+    def _task_loss(self, ep: Episode, updates_of: Callable[[Tensor], dict[str, Tensor]], *,
+                   sample: bool) -> _TaskOutcome:
+        """The per-task meta-training objective (steps 1-4 of the module docstring); ``updates_of(alpha)``: the
+        experts' updates, as this update's gate mode makes them (``_merge_mode``)."""
         cfg, way = self.cfg, ep.way
         # labels for benchmarks/training.py's profile; no effect otherwise
         with torch.profiler.record_function("smat.router"):
             pre_prototypes = self._pretrained_prototypes(ep.support_x, ep.support_y, way)
             alpha, router_logits = self.router.alpha(pre_prototypes, self.temperature(), sample)
         with torch.profiler.record_function("smat.merge"):
-            updates = (self.experts.updates(alpha, gates) if recompute_seed is None
-                       else recomputed_updates(self.experts, alpha, recompute_seed))
-            theta = self.experts.merge(self._base(), updates)
+            theta = self.experts.merge(self._base(), updates_of(alpha))
         with torch.profiler.record_function("smat.inner"):
             adapted, prototypes = self._inner_adapt(theta, ep.support_x, ep.support_y, way)
         with torch.profiler.record_function("smat.forward"):
@@ -263,31 +262,46 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
 
     # -- meta-training -------------------------------------------------------------------------------
 
-    def _mask_statistics(self, cache: GateCache | None, gates: Mapping[str, Tensor] | None,
-                         seed: int) -> tuple[Tensor, Tensor | None]:
-        """(measured density of this update's training gates ``[M]``, expected density without its graph, None for
-        fixed masks), from the gates' own fused pass when there was one."""
-        if cache is not None and cache.density is not None:
-            return cache.density, cache.expected
-        if self.learns_masks and self.cfg.gate_memory == "recompute":
-            return training_statistics(self.experts, seed)
+    def _merge_mode(self, seed: int) -> tuple[Callable[[Tensor], dict[str, Tensor]], Any]:
+        """(alpha -> the experts' training updates, what holds this update's gate state: a ``FusedMerge``, a
+        ``GateCache``, None for recomputed gates, or the fixed masks' gates). Fused kernels take learned masks
+        unless the orthogonality penalty needs the gates themselves; else ``learner.gate_memory`` decides."""
+        ex = self.experts
         if not self.learns_masks:
-            return self.experts.density(gates), None
-        with torch.no_grad():
-            return self.experts.density(gates), self.experts.expected_density()
+            gates = ex.gates()
+            return (lambda alpha: ex.updates(alpha, gates)), gates
+        if self.cfg.ortho_weight == 0 and ex.fused():
+            merge = FusedMerge(ex, seed)
+            return merge.updates, merge
+        if self.cfg.gate_memory == "recompute":
+            return (lambda alpha: recomputed_updates(ex, alpha, seed)), None
+        cache = GateCache(ex, seed)
+        return (lambda alpha: ex.updates(alpha, cache.z)), cache
 
-    def _sparsity_backward(self, cache: GateCache | None, weights: Tensor | None, expected: Tensor) -> None:
-        """The constraint's (and orthogonality's) gradient, and the cached gates' gradient, to the mask logits. The
+    def _mask_statistics(self, state: Any, seed: int) -> tuple[Tensor, Tensor | None]:
+        """(measured density of this update's training gates ``[M]``, expected density without its graph; None for
+        fixed masks)."""
+        if not self.learns_masks:
+            return self.experts.density(state), None
+        if isinstance(state, FusedMerge):
+            return state.statistics()
+        if state is None:
+            return training_statistics(self.experts, seed)
+        with torch.no_grad():
+            return self.experts.density(state.z), self.experts.expected_density()
+
+    def _sparsity_backward(self, state: Any, weights: Tensor | None, expected: Tensor) -> None:
+        """The constraint's (and orthogonality's) gradient, and the gates' gradient, to the mask logits. The
         expected density's gradient streams one tensor at a time, so its M x |theta| sigmoids are never all held."""
         expected = expected.detach().requires_grad_(True)
         penalty = self.lagrangian.penalty(expected, weights)
-        if cache is not None and self.cfg.ortho_weight > 0:
-            penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(cache.z)
+        if isinstance(state, GateCache) and self.cfg.ortho_weight > 0:
+            penalty = penalty + self.cfg.ortho_weight * self.experts.orthogonality(state.z)
         self._backward(penalty)
-        if cache is not None:
-            cache.flush(expected.grad)
-        else:
+        if state is None:
             expected_density_backward(self.experts, expected.grad)
+        else:
+            state.flush(expected.grad)
 
     def meta_train_step(self, episodes: Sequence[Episode]) -> dict[str, float]:
         self._maybe_scaler()
@@ -295,13 +309,11 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         seed = int(torch.randint(2**31 - 1, ())) if self.learns_masks else 0
-        recompute = self.learns_masks and self.cfg.gate_memory == "recompute"
         with torch.profiler.record_function("smat.masks"):
-            cache = GateCache(self.experts, seed) if self.learns_masks and not recompute else None
-            gates = cache.z if cache is not None else (None if recompute else self.experts.gates())
+            updates_of, state = self._merge_mode(seed)
         outcomes = []
         for ep in episodes:
-            outcome = self._task_loss(ep, gates, sample=True, recompute_seed=seed if recompute else None)
+            outcome = self._task_loss(ep, updates_of, sample=True)
             with torch.profiler.record_function("smat.backward"):
                 self._backward(outcome.loss / len(episodes))
             outcomes.append(outcome)
@@ -309,9 +321,9 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
         weights = (average_tensor(torch.stack([o.alpha for o in outcomes]).mean(0))
                    if self.cfg.constraint_weighting == "alpha" else None)
         with torch.profiler.record_function("smat.masks"):
-            density, expected = self._mask_statistics(cache, gates, seed)
+            density, expected = self._mask_statistics(state, seed)
             if self.learns_masks and self.lagrangian is not None:
-                self._sparsity_backward(cache, weights, expected)
+                self._sparsity_backward(state, weights, expected)
         lr = self.optimizers["delta"].param_groups[0]["lr"]  # the rate this update used
         with torch.profiler.record_function("smat.optimizer"):
             self._step()
