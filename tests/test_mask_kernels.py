@@ -106,23 +106,41 @@ def test_fused_kernels_give_the_eager_operations_results() -> None:
 
 
 @pytest.mark.parametrize("memory", ["cache", "recompute"])
-def test_a_compiled_meta_update_takes_the_eager_gradients(memory: str) -> None:
-    """learner.mask_kernels=compiled: one SMAT update of two tasks leaves the eager update's gradients and metrics,
-    whichever gate memory the eager one keeps."""
+def test_a_compiled_meta_update_takes_the_eager_gradients_and_step(memory: str) -> None:
+    """learner.mask_kernels=compiled: one SMAT update of two tasks leaves the eager update's gradients, parameters
+    and metrics, whichever gate memory the eager one keeps. The fused mask step leaves the logits' gradient
+    unclipped (the eager ``clip_grad_norm_`` scales it in place)."""
     runs = {}
     for kernels in ("eager", "compiled"):
         torch.manual_seed(0)
         learner = create_learner("smat", create_backbone("vit_test"),
-                                 SMATConfig(name="smat", gate_memory=memory, mask_kernels=kernels))
+                                 SMATConfig(name="smat", gate_memory=memory, mask_kernels=kernels, mask_clip=1e-3))
         assert learner.experts.fused() is (kernels == "compiled")
         learner.setup_training(2)
+        g = torch.Generator().manual_seed(3)
+        for std, group in ((0.1, learner.experts.delta), (1.0, learner.experts.mask_logits)):
+            for p in group.values():  # moving deltas and gates between 0 and 1: every mask gradient is live
+                p.data.normal_(std=std, generator=g)
+        learner.invalidate_caches()
+        before = {n: p.detach().clone() for n, p in learner.named_parameters()}
         torch.manual_seed(5)
         metrics = learner.meta_train_step([_episode(0), _episode(1)])
-        runs[kernels] = metrics, {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
-    (m0, g0), (m1, g1) = runs["eager"], runs["compiled"]
+        runs[kernels] = (metrics, {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None},
+                         {n: (p.detach(), p.detach() - before[n]) for n, p in learner.named_parameters()})
+    (m0, g0, p0), (m1, g1, p1) = runs["eager"], runs["compiled"]
     assert g0.keys() == g1.keys() and any("mask_logits" in n for n in g0)
+    masks = [n for n in g1 if "mask_logits" in n]
+    norm = torch.linalg.vector_norm(torch.stack([g1[n].norm() for n in masks]))
+    coef = min(1.0, 1e-3 / (float(norm) + 1e-6))
+    assert coef < 1.0  # the clip acted
     for name in g0:
-        _close(g1[name], g0[name], 1e-5, name)
+        _close(g1[name] * (coef if name in masks else 1.0), g0[name], 1e-5, name)
+    for name, (after, update) in p0.items():  # the masks' steps: lr 1e6 times the gradients, before the clamp
+        if not name.startswith("experts."):
+            continue  # the router's AdamW step divides by |grad|: its rounding is not the gradients'
+        step = 1e6 * float(g0[name].abs().max()) if name in masks else float(update.abs().max())
+        tol = 1e-5 * step + 1e-6 * float(after.abs().max())
+        assert float((p1[name][0] - after).abs().max()) <= tol, f"update of {name}"
     assert m1["sparsity"] == m0["sparsity"] and m1["loss"] == pytest.approx(m0["loss"], rel=1e-6)
 
 

@@ -5,12 +5,12 @@ gamma -0.1, zeta 1.1). Elementwise masks on a ViT-S are 8 x 21.2M logits, and ea
 gate, its gradient and the expected density as its own pass over them: about 30 passes per update, most of them
 computing a sigmoid, which made the masks' bookkeeping as costly as the backbone's forward and backward.
 
-``MaskKernels`` runs each of an update's jobs on one target's flattened ``[M, N]`` tensors as one fused loop
-(``torch.compile``, dynamic in N): the training gates with their open count and expected density, the gate
-gradient with the expected density's, and, for recomputed gates, the merge and its backward without any M x N
-gate tensor. The jobs are plain tensor expressions of the same operations as the eager path; compiled, they agree
-with it to float rounding (tested to 1e-6). Where no compiler works, the first use says so once and the eager
-path runs instead.
+``MaskKernels`` runs each of an update's jobs on one target's ``[M, *mask_shape]`` tensors as fused loops
+(``torch.compile``, dynamic in the mask shape, one pass per expert): the training gates' open count and expected
+density, the merge and its backward with the gates made on the fly (no M x |theta| gate tensor), the gate gradient
+with the expected density's, and the masks' clipped SGD step with its clamp. The jobs are plain tensor
+expressions of the same operations as the eager path; compiled, they agree with it to float rounding (tested to
+1e-6 elementwise). Where no compiler works, the first use says so once and the eager path runs instead.
 """
 
 from __future__ import annotations
@@ -55,62 +55,85 @@ def hard_concrete_backward(grad: Tensor, log_alpha: Tensor, noise: Tensor | None
 
 
 # -- the jobs: one target's mask logits [M, *mask_shape] (noise and gate gradients alike), and for elementwise masks
-# its delta and update gradient [*mask_shape]; alpha and per-expert scales [M]. Inputs are taken whole and flattened
-# inside (a flattened view as input would make torch.compile guard on its base's layout, one graph per target shape).
+# its delta and update gradient [*mask_shape]; alpha and per-expert scales [M]; a flush's tasks' alphas [T, M] and
+# update gradients [T, *mask_shape]. Each job loops over the experts (and a flush over its tasks) in Python, so
+# torch.compile unrolls the loop with M (and T) fixed and each expert's work is one contiguous pass in one kernel:
+# a reduction over the leading M axis with M dynamic compiled to strided loops 2-7x slower. Inputs are taken whole
+# (a reshaped view as input would make torch.compile guard on its base's layout, one graph per target shape).
 
-def _rows(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1)
-
-
-def _sigmoid_and_pre(log_alpha: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-    x = _rows(log_alpha) if noise is None else _rows(log_alpha) + _rows(noise)
+def _gate(log_alpha: Tensor, noise: Tensor | None, m: int) -> tuple[Tensor, Tensor]:
+    """(the stretched sigmoid's sigmoid, the gate before its clamp) of expert ``m``."""
+    x = log_alpha[m] if noise is None else log_alpha[m] + noise[m]
     s = torch.sigmoid(x / BETA)
     return s, s * (ZETA - GAMMA) + GAMMA
 
 
-def _gate_gradient(grad_gate: Tensor, s: Tensor, pre: Tensor) -> Tensor:
-    """dL/dlog_alpha from dL/dz (rows): zero where the clamp is active, else through the stretched sigmoid."""
-    inside = (pre >= 0.0) & (pre <= 1.0)
-    return torch.where(inside, grad_gate * (ZETA - GAMMA) * (1.0 - s) * s / BETA, 0.0)
-
-
-def _density_gradient(log_alpha: Tensor, scale: Tensor) -> Tensor:
-    """dL/dlog_alpha (rows) of the expected density's sum, ``scale`` [M] its gradient per expert and entry."""
-    p_open = torch.sigmoid(_rows(log_alpha) + L0_SHIFT)
-    return scale[:, None] * (1.0 - p_open) * p_open
+def _p_open(log_alpha: Tensor, m: int) -> Tensor:
+    """P(z_m > 0) per entry: the expected density's summand."""
+    return torch.sigmoid(log_alpha[m] + L0_SHIFT)
 
 
 def _counts_job(log_alpha: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
     """(open training gates per expert, sum of P(z > 0) per expert): the measured and the expected density."""
-    _, pre = _sigmoid_and_pre(log_alpha, noise)
-    return (pre > 0).sum(1, dtype=torch.int32), torch.sigmoid(_rows(log_alpha) + L0_SHIFT).sum(1)
+    opened, expected = [], []
+    for m in range(log_alpha.shape[0]):
+        opened.append((_gate(log_alpha, noise, m)[1] > 0).sum(dtype=torch.int32))
+        expected.append(_p_open(log_alpha, m).sum())
+    return torch.stack(opened), torch.stack(expected)
+
+
+def _mixed_gate(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor) -> Tensor:
+    """sum_m alpha_m z_m: the task's merged mask."""
+    mixed = None
+    for m in range(log_alpha.shape[0]):
+        z = _gate(log_alpha, noise, m)[1].clamp(0.0, 1.0) * alpha[m]
+        mixed = z if mixed is None else mixed + z
+    return mixed
 
 
 def _merge_job(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor, delta: Tensor) -> Tensor:
     """The task's update (sum_m alpha_m z_m) * delta, the gates made on the fly."""
-    _, pre = _sigmoid_and_pre(log_alpha, noise)
-    return ((alpha[:, None] * pre.clamp(0.0, 1.0)).sum(0) * delta.reshape(-1)).view(delta.shape)
+    return _mixed_gate(log_alpha, noise, alpha) * delta
 
 
 def _merge_grads_job(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor, delta: Tensor,
                      grad: Tensor) -> tuple[Tensor, Tensor]:
     """(dL/ddelta, dL/dalpha) of ``_merge_job`` given dL/du, the gates made again on the fly."""
-    _, pre = _sigmoid_and_pre(log_alpha, noise)
-    z = pre.clamp(0.0, 1.0)
-    grad_mask = (grad * delta).reshape(-1)
-    return (grad.reshape(-1) * (alpha[:, None] * z).sum(0)).view(delta.shape), (z * grad_mask).sum(1)
+    mixed, grad_mask, d_alpha = None, grad * delta, []
+    for m in range(log_alpha.shape[0]):
+        z = _gate(log_alpha, noise, m)[1].clamp(0.0, 1.0)
+        mixed = z * alpha[m] if mixed is None else mixed + z * alpha[m]
+        d_alpha.append((z * grad_mask).sum())
+    return grad * mixed, torch.stack(d_alpha)
 
 
 def _flush_job(log_alpha: Tensor, noise: Tensor | None, alphas: Tensor, grad_masks: Tensor, scale: Tensor) -> Tensor:
-    """The mask logits' gradient of an update: its tasks' dL/dz_m = sum_t alpha_tm dL/d(merged mask_t) (``alphas``
-    [T, M], ``grad_masks`` [T, *mask_shape]) through the gate, plus the expected density's (``scale`` [M])."""
-    s, pre = _sigmoid_and_pre(log_alpha, noise)
-    grad_gate = (alphas[:, :, None] * grad_masks.reshape(grad_masks.shape[0], 1, -1)).sum(0)
-    return (_gate_gradient(grad_gate, s, pre) + _density_gradient(log_alpha, scale)).view(log_alpha.shape)
+    """The mask logits' gradient of an update: its tasks' dL/dz_m = sum_t alpha_tm dL/d(merged mask_t) through the
+    gate (zero where the clamp is active), plus the expected density's (``scale`` [M] its gradient per entry)."""
+    out = []
+    for m in range(log_alpha.shape[0]):
+        grad_gate = None
+        for t in range(grad_masks.shape[0]):
+            g = alphas[t, m] * grad_masks[t]
+            grad_gate = g if grad_gate is None else grad_gate + g
+        s, pre = _gate(log_alpha, noise, m)
+        inside = (pre >= 0.0) & (pre <= 1.0)
+        p_open = _p_open(log_alpha, m)
+        out.append(torch.where(inside, grad_gate * (ZETA - GAMMA) * (1.0 - s) * s / BETA, 0.0)
+                   + scale[m] * (1.0 - p_open) * p_open)
+    return torch.stack(out)
+
+
+def _mask_step_job(log_alpha: Tensor, grad: Tensor, step: Tensor) -> None:
+    """The masks' plain-SGD step and clamp in one pass: ``log_alpha <- clamp(log_alpha - step * grad)``, ``step``
+    (0-d) the learning rate times the clipping coefficient."""
+    log_alpha.copy_((log_alpha - step * grad).clamp(-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND))
 
 
 _JOBS: dict[str, Callable[..., Any]] = {"counts": _counts_job, "merge": _merge_job, "merge_grads": _merge_grads_job,
-                                        "flush": _flush_job}
+                                        "flush": _flush_job, "mask_step": _mask_step_job}
+# One graph per expert count, noise or none, and a flush's task count met in a process (a sweep may meet several)
+GRAPHS_PER_JOB = 64
 _COMPILED: dict[str, Callable[..., Any]] = {}  # one compiled function per job, shared by every MaskKernels
 
 
@@ -120,23 +143,25 @@ def _compiled(name: str) -> Callable[..., Any]:
     return _COMPILED[name]
 
 
-def _probe_inputs(job: str, device: torch.device, noise: bool) -> tuple[Any, ...]:
-    """Small inputs of every job's signature (sizes above 1, so the compiled graph stays dynamic in them)."""
-    m, shape = 3, (5, 7)  # a Linear weight's elementwise masks
+def _probe_inputs(job: str, device: torch.device, noise: bool, m: int) -> tuple[Any, ...]:
+    """Small inputs of every job's signature for ``m`` experts and a flush of one task (the mask sizes above 1, so
+    the compiled graph stays dynamic in them; another task count compiles once more at its first flush)."""
+    shape = (5, 7)  # a Linear weight's elementwise masks
     la, vec = torch.randn(m, *shape, device=device), torch.randn(shape, device=device)
     per_expert, eps = torch.rand(m, device=device), torch.randn(m, *shape, device=device) if noise else None
-    tasks = 2
+    tasks = 1
     return {"counts": (la, eps), "merge": (la, eps, per_expert, vec), "merge_grads": (la, eps, per_expert, vec, vec),
             "flush": (la, eps, torch.rand(tasks, m, device=device), torch.randn(tasks, *shape, device=device),
-                      per_expert)}[job]
+                      per_expert),
+            "mask_step": (la.clone(), torch.randn_like(la), torch.tensor(0.5, device=device))}[job]
 
 
 class MaskKernels:
     """The fused mask jobs, compiled on first use per device; ``ready(device)`` is False where compiling failed
     (the caller then runs the eager path), and says why once."""
 
-    def __init__(self, noise: bool = False) -> None:
-        self.noise = noise
+    def __init__(self, noise: bool = False, n_experts: int = 8) -> None:
+        self.noise, self.n_experts = noise, n_experts
         self._ready: dict[str, bool] = {}
 
     def ready(self, device: torch.device) -> bool:
@@ -144,9 +169,8 @@ class MaskKernels:
         key = str(device)
         if key not in self._ready:
             try:
-                with torch.no_grad():
-                    for job in _JOBS:
-                        _compiled(job)(*_probe_inputs(job, device, self.noise))
+                for job in _JOBS:
+                    self(job, *_probe_inputs(job, device, self.noise, self.n_experts))
                 self._ready[key] = True
             except Exception as error:  # no C++ compiler or Triton: the eager path gives the same numbers, slower
                 log.warning("Fused mask kernels could not be compiled on %s (%s: %s); the masks run eagerly "
@@ -156,5 +180,8 @@ class MaskKernels:
         return self._ready[key]
 
     def __call__(self, job: str, *args: Any) -> Any:
-        """Run ``job`` (a key of the module's job table) compiled; call ``ready`` first."""
-        return _compiled(job)(*args)
+        """Run ``job`` (a key of the module's job table) compiled; call ``ready`` first. The jobs compute no graph:
+        their inputs go in detached, so one graph serves tensors with and without ``requires_grad``."""
+        args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_JOB):
+            return _compiled(job)(*args)

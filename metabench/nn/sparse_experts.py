@@ -97,7 +97,7 @@ class SparseInterpolatedExperts(nn.Module):
 
     def use_fused_kernels(self, enabled: bool) -> None:
         """Run the training gates, their gradient and the density jobs as fused kernels (learned masks only)."""
-        self.kernels = MaskKernels(self.noise) if enabled and self.kind == "learned" else None
+        self.kernels = MaskKernels(self.noise, self.n_experts) if enabled and self.kind == "learned" else None
 
     def fused(self) -> bool:
         """Whether the fused kernels run here (set, and compiled on this device)."""

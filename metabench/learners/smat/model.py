@@ -327,7 +327,6 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
         lr = self.optimizers["delta"].param_groups[0]["lr"]  # the rate this update used
         with torch.profiler.record_function("smat.optimizer"):
             self._step()
-            self.experts.clamp_()
         if self.lagrangian is not None:
             self.lagrangian.ascend(density, self.cfg.lambda_lr * self._lambda_factor(self._updates),
                                    self.cfg.lambda_reset, weights)
