@@ -61,6 +61,21 @@ def test_zero_delta_reproduces_the_pretrained_model_exactly() -> None:
     assert torch.equal(learner._features(zero, ep.query_x), learner.backbone(ep.query_x))
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_zero_shot_runs_a_view_of_the_merged_weights_with_the_dense_copys_outputs(structured: bool) -> None:
+    """Zero-shot tasks embed through a MergedView instead of a deep copy; fine-tuning still gets a dense copy."""
+    learner = _smat(structured=structured).eval()
+    _randomise_delta(learner)
+    ep = _episode(2)
+    state = learner.adapt(ep.support)
+    assert not any(True for _ in state.model.parameters())  # a view: it owns nothing
+    dense = learner.task_model(ep.support)
+    assert torch.equal(state.model(ep.query_x), dense(ep.query_x))
+    assert torch.equal(learner.predict(state, ep.query_x),
+                       learner.logits(dense(ep.query_x), class_prototypes(dense(ep.support_x), ep.support_y, 3)))
+    assert isinstance(learner.adapt(ep.support, mode="full", steps=1).model, type(learner.backbone))
+
+
 def test_permuting_the_support_classes_leaves_alpha_unchanged() -> None:
     learner = _smat().eval()
     ep = _episode(1, way=5)

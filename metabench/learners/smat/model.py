@@ -57,6 +57,7 @@ from metabench.nn.expert_merge import (
     EvaluationMerge,
     FusedMerge,
     GateCache,
+    MergedView,
     expected_density_backward,
     recomputed_updates,
     training_statistics,
@@ -376,10 +377,13 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
         merge = self._evaluation_merge()
         return merge.merged(self._base(), alpha), merge.zero_fraction(alpha)
 
-    def _task(self, support: Support) -> tuple[nn.Module, Tensor, float]:
-        """(a dense copy of the backbone holding theta_i, the task's expert weights, its merged-mask sparsity)."""
+    def _task(self, support: Support, *, copy_model: bool = True) -> tuple[nn.Module, Tensor, float]:
+        """(the backbone holding theta_i: a dense copy, or a ``MergedView`` when ``copy_model`` is False; the task's
+        expert weights; its merged-mask sparsity)."""
         alpha = self.expert_scores(support)
         theta, sparsity = self._merged(alpha)
+        if not copy_model:
+            return MergedView(self.backbone, theta), alpha, sparsity
         # The copy takes the merged tensors as its parameters instead of copying the frozen ones and overwriting them.
         memo: dict[int, Any] = {id(p): nn.Parameter(theta[n], requires_grad=False)
                                 for n, p in self.backbone.named_parameters() if n in theta}
@@ -391,6 +395,7 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
         return self._task(support)[0]
 
     def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0, options: Any = None) -> TaskState:
-        model, alpha, sparsity = self._task(support)
+        fine_tunes = mode != "zero_shot" and steps > 0  # as prototype_state decides: only then train a copy
+        model, alpha, sparsity = self._task(support, copy_model=fine_tunes)
         state = self.prototype_state(model, support, mode=mode, steps=steps, options=options)
         return SMATState(state.way, state.prototypes, state.model, sparsity, alpha)
