@@ -242,3 +242,30 @@ def test_recomputed_gates_train_as_the_gate_cache_does(structured: bool) -> None
 def test_recomputed_gates_refuse_the_orthogonality_penalty() -> None:
     with pytest.raises(ValueError, match="gate_memory=cache"):
         SMATConfig(name="smat", gate_memory="recompute", ortho_weight=0.1)
+
+
+
+def test_the_masks_optimiser_is_clipped_sgd_then_the_clamp_exactly() -> None:
+    """MaskSGD without fused kernels takes clip_grad_norm_, torch's SGD step and the clamp to +-4.61, bit for bit."""
+    from metabench.learners.smat.optim import MaskSGD
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(3, 4, 5, generator=g) * 3, torch.randn(3, 7, generator=g)]
+    grads = [torch.randn(x.shape, generator=g) * 10 for x in start]
+    runs = []
+    for kind in (MaskSGD, torch.optim.SGD):
+        params = [torch.nn.Parameter(x.clone()) for x in start]
+        groups = [{"params": [params[0]], "lr": 1e6}, {"params": [params[1]], "lr": 0.5}]
+        for p, x in zip(params, grads):
+            p.grad = x.clone()
+        if kind is MaskSGD:
+            MaskSGD(groups, lr=1e6, clip=5.0).step()
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            torch.optim.SGD(groups, lr=1e6).step()
+            with torch.no_grad():
+                for p in params:
+                    p.clamp_(-4.61, 4.61)
+        runs.append([p.detach() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert runs[0][0].abs().max() == pytest.approx(4.61)  # the clamp acted

@@ -145,7 +145,8 @@ class SparseInterpolatedExperts(nn.Module):
         return {t.key: self.gate(t, training=training, noise_seed=noise_seed) for t in self.targets}
 
     def clamp_(self) -> None:
-        """Keep the mask logits in [-4.61, 4.61] (done after each optimiser step, not on every forward)."""
+        """Keep the mask logits in [-4.61, 4.61], after a plain optimiser's step (SMAT's ``MaskSGD`` clamps in its
+        own step); not on every forward."""
         if self.kind == "learned":
             with torch.no_grad():
                 for p in self.mask_logits.values():
