@@ -62,15 +62,15 @@ def _task_grads(vit: nn.Module, experts: SparseInterpolatedExperts, merge) -> di
     return out
 
 
-@pytest.mark.parametrize("noise", [False, True])
-def test_the_fused_merge_takes_the_gate_cache_gradients(vit, noise: bool) -> None:
+@pytest.mark.parametrize(("noise", "keep_noise"), [(False, False), (True, False), (True, True)])
+def test_the_fused_merge_takes_the_gate_cache_gradients(vit, noise: bool, keep_noise: bool) -> None:
     """Two tasks' alpha and delta gradients, the update's statistics, and the mask logits' gradient (the gates' and
     the expected density's) as the eager GateCache gives them."""
     runs = {}
     for fused in (False, True):
         experts = _experts(vit, noise, fused)
         if fused:
-            merge = FusedMerge(experts, noise_seed=7)
+            merge = FusedMerge(experts, noise_seed=7, keep_noise=keep_noise)
             grads, (density, expected) = _task_grads(vit, experts, merge.updates), merge.statistics()
         else:
             cache = GateCache(experts, noise_seed=7)
@@ -105,8 +105,9 @@ def test_fused_kernels_give_the_eager_operations_results() -> None:
     _close(kernels("flush", la, None, alpha[None], (grad * delta)[None], scale), eager, what="logit gradient")
 
 
+@pytest.mark.parametrize("noise", [False, True])
 @pytest.mark.parametrize("memory", ["cache", "recompute"])
-def test_a_compiled_meta_update_takes_the_eager_gradients_and_step(memory: str) -> None:
+def test_a_compiled_meta_update_takes_the_eager_gradients_and_step(memory: str, noise: bool) -> None:
     """learner.mask_kernels=compiled: one SMAT update of two tasks leaves the eager update's gradients, parameters
     and metrics, whichever gate memory the eager one keeps. The fused mask step leaves the logits' gradient
     unclipped (the eager ``clip_grad_norm_`` scales it in place)."""
@@ -114,7 +115,8 @@ def test_a_compiled_meta_update_takes_the_eager_gradients_and_step(memory: str) 
     for kernels in ("eager", "compiled"):
         torch.manual_seed(0)
         learner = create_learner("smat", create_backbone("vit_test"),
-                                 SMATConfig(name="smat", gate_memory=memory, mask_kernels=kernels, mask_clip=1e-3))
+                                 SMATConfig(name="smat", gate_memory=memory, mask_kernels=kernels, mask_clip=1e-3,
+                                            mask_noise=noise))
         assert learner.experts.fused() is (kernels == "compiled")
         learner.setup_training(2)
         g = torch.Generator().manual_seed(3)
@@ -150,3 +152,22 @@ def test_auto_fuses_only_large_elementwise_masks() -> None:
     assert not SMATConfig(name="smat", structured=True).fused_kernels(8 * 21_000_000)
     assert not SMATConfig(name="smat", mask_kernels="eager").fused_kernels(8 * 21_000_000)
     assert SMATConfig(name="smat", mask_kernels="compiled").fused_kernels(10)
+
+
+@pytest.mark.parametrize("keep_noise", [False, True])
+def test_a_fused_merge_keeping_its_noise_draws_it_once_per_update(vit, keep_noise: bool, monkeypatch) -> None:
+    experts = _experts(vit, noise=True, fused=True)
+    draws: dict[str, int] = {}
+    original = experts._noise
+
+    def counted(t, seed):
+        draws[t.key] = draws.get(t.key, 0) + 1
+        return original(t, seed)
+
+    monkeypatch.setattr(experts, "_noise", counted)
+    merge = FusedMerge(experts, noise_seed=7, keep_noise=keep_noise)
+    _task_grads(vit, experts, merge.updates)  # two tasks: forward and backward each
+    merge.statistics()
+    merge.flush(torch.tensor([0.7, -1.3, 2.1]))
+    fused = [k for k, la in experts.mask_logits.items() if la.dim() == 3 and min(la.shape[1:]) > 1]
+    assert fused and {draws[k] for k in fused} == ({1} if keep_noise else {2 * 2 + 2})

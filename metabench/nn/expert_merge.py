@@ -14,7 +14,7 @@ instead of a chain of eager passes; the numbers agree with the other two to roun
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -227,15 +227,22 @@ class FusedMerge:
     mask logits in one pass per weight. The gradients are the other modes' to rounding. The small targets (biases,
     norms, tokens) merge as ``recomputed_updates`` does."""
 
-    def __init__(self, experts: SparseInterpolatedExperts, noise_seed: int = 0) -> None:
+    def __init__(self, experts: SparseInterpolatedExperts, noise_seed: int = 0, *, keep_noise: bool = False) -> None:
         if not experts.fused():
             raise ValueError("FusedMerge needs fused kernels (experts.use_fused_kernels(True), compiled here).")
         self.experts, self.noise_seed = experts, noise_seed
         self.pending: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        # With noisy gates every job draws the target's M x |theta| noise again (an update's jobs drew it 2T + 2
+        # times, 3.7 s of a 6.6 s ViT-S step) unless it is kept: M x |theta| floats for the update, as a gate cache
+        self._noise: dict[str, Tensor | None] | None = {} if keep_noise and experts.noise else None
 
     def inputs(self, t: ExpertTarget) -> tuple[Tensor, Tensor | None]:
         """Target ``t``'s mask logits (detached) and training noise, as the kernels take them."""
-        return _fused_inputs(self.experts, t, self.noise_seed)
+        if self._noise is None:
+            return _fused_inputs(self.experts, t, self.noise_seed)
+        if t.key not in self._noise:
+            self._noise[t.key] = _fused_inputs(self.experts, t, self.noise_seed)[1]
+        return self.experts.mask_logits[t.key].detach(), self._noise[t.key]
 
     def updates(self, alpha: Tensor) -> dict[str, Tensor]:
         """Every target's training update for merge weights ``alpha``."""
@@ -246,7 +253,7 @@ class FusedMerge:
 
     def statistics(self) -> tuple[Tensor, Tensor]:
         """``training_statistics`` of this update's gates."""
-        return training_statistics(self.experts, self.noise_seed)
+        return training_statistics(self.experts, self.noise_seed, self.inputs)
 
     def flush(self, density_grad: Tensor) -> None:
         """Add the tasks' gate gradients and ``density_grad`` (dL/d expected density ``[M]``) to the logits' grad."""
@@ -264,14 +271,17 @@ class FusedMerge:
                                                             _per_entry(ex, t, density_grad)))
 
 
-def training_statistics(experts: SparseInterpolatedExperts, seed: int) -> tuple[Tensor, Tensor]:
+def training_statistics(experts: SparseInterpolatedExperts, seed: int,
+                        inputs: Callable[[ExpertTarget], tuple[Tensor, Tensor | None]] | None = None,
+                        ) -> tuple[Tensor, Tensor]:
     """(``experts.density`` of the training gates of seed ``seed``, ``experts.expected_density()`` without its
-    graph), computed one target at a time (one fused pass per Linear weight with fused kernels)."""
+    graph), computed one target at a time (one fused pass per Linear weight with fused kernels); ``inputs``: a
+    target's logits and noise (a ``FusedMerge``'s, which may keep its noise)."""
     fused = experts.fused()
     count, expected = 0.0, 0.0
     with torch.no_grad():
         for t in experts.targets:
-            la, noise = _fused_inputs(experts, t, seed)
+            la, noise = inputs(t) if inputs is not None else _fused_inputs(experts, t, seed)
             if _fuses(experts, t, fused):
                 open_count, p_sum = experts.kernels("counts", la, noise)  # type: ignore[misc]
             else:

@@ -45,7 +45,8 @@ class SMATConfig(LearnerConfig):
     ortho_weight: float = 0.0  # SIMoE's mask orthogonality penalty
     gate_memory: GateMemory = "cache"  # cache: the update's M x |theta| training gates and their gradient are kept
         # (gates computed once per update) | recompute: each task's backward recomputes them one tensor at a time
-        # (2 x M x |theta| floats less, about 1.4 GB on an elementwise ViT-S; costs gate passes per task)
+        # (2 x M x |theta| floats less, about 1.4 GB on an elementwise ViT-S; costs gate passes per task). Fused
+        # kernels hold no gates either way; with learner.mask_noise, cache keeps the update's noise (drawn once)
     mask_kernels: MaskKernelMode = "auto"  # compiled: the masks' training jobs as fused torch.compile kernels (one
         # pass over the logits per job instead of ~5; a C++ compiler or Triton, else eager with a warning) | eager |
         # auto: compiled for elementwise masks of >= 2^24 entries (a ViT-S has 170M), eager below (compiling costs

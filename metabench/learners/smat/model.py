@@ -272,7 +272,7 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
             gates = ex.gates()
             return (lambda alpha: ex.updates(alpha, gates)), gates
         if self.cfg.ortho_weight == 0 and ex.fused():
-            merge = FusedMerge(ex, seed)
+            merge = FusedMerge(ex, seed, keep_noise=self.cfg.gate_memory == "cache")
             return merge.updates, merge
         if self.cfg.gate_memory == "recompute":
             return (lambda alpha: recomputed_updates(ex, alpha, seed)), None
