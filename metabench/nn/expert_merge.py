@@ -14,7 +14,7 @@ instead of a chain of eager passes; the numbers agree with the other two to roun
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -208,7 +208,11 @@ class _FusedUpdate(torch.autograd.Function):
         ctx.merge, ctx.t = merge, t
         ctx.save_for_backward(alpha, delta)
         la, noise = merge.inputs(t)
-        return merge.experts.kernels("merge", la, noise, alpha.to(la.dtype), delta.detach())  # type: ignore[misc]
+        kernels, args = merge.experts.kernels, (la, noise, alpha.to(la.dtype), delta.detach())
+        if t.key in merge.counts:
+            return kernels("merge", *args)  # type: ignore[misc]
+        update, *merge.counts[t.key] = kernels("merge_counts", *args)  # type: ignore[misc]
+        return update
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -232,8 +236,9 @@ class FusedMerge:
             raise ValueError("FusedMerge needs fused kernels (experts.use_fused_kernels(True), compiled here).")
         self.experts, self.noise_seed = experts, noise_seed
         self.pending: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        # With noisy gates every job draws the target's M x |theta| noise again (an update's jobs drew it 2T + 2
-        # times, 3.7 s of a 6.6 s ViT-S step) unless it is kept: M x |theta| floats for the update, as a gate cache
+        self.counts: dict[str, list[Tensor]] = {}  # per target: open gates and sum of P(open), from its first merge
+        # With noisy gates every job draws the target's M x |theta| noise again (2T + 1 draws an update, 0.84 s each
+        # on a ViT-S) unless it is kept: M x |theta| floats for the update, as a gate cache would hold
         self._noise: dict[str, Tensor | None] | None = {} if keep_noise and experts.noise else None
 
     def inputs(self, t: ExpertTarget) -> tuple[Tensor, Tensor | None]:
@@ -253,7 +258,7 @@ class FusedMerge:
 
     def statistics(self) -> tuple[Tensor, Tensor]:
         """``training_statistics`` of this update's gates."""
-        return training_statistics(self.experts, self.noise_seed, self.inputs)
+        return training_statistics(self.experts, self.noise_seed, self.inputs, self.counts)
 
     def flush(self, density_grad: Tensor) -> None:
         """Add the tasks' gate gradients and ``density_grad`` (dL/d expected density ``[M]``) to the logits' grad."""
@@ -271,22 +276,29 @@ class FusedMerge:
                                                             _per_entry(ex, t, density_grad)))
 
 
+def _counts(experts: SparseInterpolatedExperts, t: ExpertTarget, seed: int,
+            inputs: Callable[[ExpertTarget], tuple[Tensor, Tensor | None]] | None, fused: bool) -> Sequence[Tensor]:
+    """Target ``t``'s open training gates and sum of P(open) per expert ``[M]``."""
+    la, noise = inputs(t) if inputs is not None else _fused_inputs(experts, t, seed)
+    if _fuses(experts, t, fused):
+        return experts.kernels("counts", la, noise)  # type: ignore[misc]
+    opened = (hard_concrete(la, noise) > 0).flatten(1).sum(1, dtype=torch.int32)
+    return opened, torch.sigmoid(la + L0_SHIFT).flatten(1).sum(1)
+
+
 def training_statistics(experts: SparseInterpolatedExperts, seed: int,
                         inputs: Callable[[ExpertTarget], tuple[Tensor, Tensor | None]] | None = None,
-                        ) -> tuple[Tensor, Tensor]:
+                        known: Mapping[str, Sequence[Tensor]] | None = None) -> tuple[Tensor, Tensor]:
     """(``experts.density`` of the training gates of seed ``seed``, ``experts.expected_density()`` without its
     graph), computed one target at a time (one fused pass per Linear weight with fused kernels); ``inputs``: a
-    target's logits and noise (a ``FusedMerge``'s, which may keep its noise)."""
+    target's logits and noise (a ``FusedMerge``'s, which may keep its noise); ``known``: targets' (open count,
+    sum of P(open)) already counted (a ``FusedMerge``'s first merge)."""
     fused = experts.fused()
     count, expected = 0.0, 0.0
     with torch.no_grad():
         for t in experts.targets:
-            la, noise = inputs(t) if inputs is not None else _fused_inputs(experts, t, seed)
-            if _fuses(experts, t, fused):
-                open_count, p_sum = experts.kernels("counts", la, noise)  # type: ignore[misc]
-            else:
-                open_count = (hard_concrete(la, noise) > 0).flatten(1).sum(1, dtype=torch.int32)
-                p_sum = torch.sigmoid(la + L0_SHIFT).flatten(1).sum(1)
+            counted = known.get(t.key) if known is not None else None
+            open_count, p_sum = counted if counted is not None else _counts(experts, t, seed, inputs, fused)
             count = count + open_count.double() * t.repeat
             expected = expected + p_sum * t.repeat
         if not fused:  # the eager expected density, bit for bit

@@ -96,6 +96,19 @@ def _merge_job(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor, delta: Te
     return _mixed_gate(log_alpha, noise, alpha) * delta
 
 
+def _merge_counts_job(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor,
+                      delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``_merge_job`` with ``_counts_job`` from the same pass: an update's first task counts its gates as it merges."""
+    mixed, opened, expected = None, [], []
+    for m in range(log_alpha.shape[0]):
+        pre = _gate(log_alpha, noise, m)[1]
+        opened.append((pre > 0).sum(dtype=torch.int32))
+        expected.append(_p_open(log_alpha, m).sum())
+        z = pre.clamp(0.0, 1.0) * alpha[m]
+        mixed = z if mixed is None else mixed + z
+    return mixed * delta, torch.stack(opened), torch.stack(expected)
+
+
 def _merge_grads_job(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor, delta: Tensor,
                      grad: Tensor) -> tuple[Tensor, Tensor]:
     """(dL/ddelta, dL/dalpha) of ``_merge_job`` given dL/du, the gates made again on the fly."""
@@ -130,8 +143,9 @@ def _mask_step_job(log_alpha: Tensor, grad: Tensor, step: Tensor) -> None:
     log_alpha.copy_((log_alpha - step * grad).clamp(-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND))
 
 
-_JOBS: dict[str, Callable[..., Any]] = {"counts": _counts_job, "merge": _merge_job, "merge_grads": _merge_grads_job,
-                                        "flush": _flush_job, "mask_step": _mask_step_job}
+_JOBS: dict[str, Callable[..., Any]] = {"counts": _counts_job, "merge": _merge_job, "merge_counts": _merge_counts_job,
+                                        "merge_grads": _merge_grads_job, "flush": _flush_job,
+                                        "mask_step": _mask_step_job}
 # One graph per expert count, noise or none, and a flush's task count met in a process (a sweep may meet several)
 GRAPHS_PER_JOB = 64
 _COMPILED: dict[str, Callable[..., Any]] = {}  # one compiled function per job, shared by every MaskKernels
@@ -150,7 +164,8 @@ def _probe_inputs(job: str, device: torch.device, noise: bool, m: int) -> tuple[
     la, vec = torch.randn(m, *shape, device=device), torch.randn(shape, device=device)
     per_expert, eps = torch.rand(m, device=device), torch.randn(m, *shape, device=device) if noise else None
     tasks = 1
-    return {"counts": (la, eps), "merge": (la, eps, per_expert, vec), "merge_grads": (la, eps, per_expert, vec, vec),
+    return {"counts": (la, eps), "merge": (la, eps, per_expert, vec), "merge_counts": (la, eps, per_expert, vec),
+            "merge_grads": (la, eps, per_expert, vec, vec),
             "flush": (la, eps, torch.rand(tasks, m, device=device), torch.randn(tasks, *shape, device=device),
                       per_expert),
             "mask_step": (la.clone(), torch.randn_like(la), torch.tensor(0.5, device=device))}[job]
