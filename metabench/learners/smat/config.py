@@ -49,8 +49,8 @@ class SMATConfig(LearnerConfig):
         # kernels hold no gates either way; with learner.mask_noise, cache keeps the update's noise (drawn once)
     mask_kernels: MaskKernelMode = "auto"  # compiled: the masks' training jobs as fused torch.compile kernels (one
         # pass over the logits per job instead of ~5; a C++ compiler or Triton, else eager with a warning) | eager |
-        # auto: compiled for elementwise masks of >= 2^24 entries (a ViT-S has 170M), eager below (compiling costs
-        # seconds to a minute, once per machine)
+        # auto: compiled for elementwise masks of >= 2^24 entries (a ViT-S has 170M), eager below. Not with
+        # ortho_weight > 0 (its penalty needs the gates). Compiling: 24 s on a cold cache, 4 s per process after
     router_tokens: int = 4
     router_heads: int = 4
     router_mlp_ratio: float = 2.0
