@@ -18,6 +18,9 @@ from metabench.nn.hard_concrete import L0_SHIFT, MaskKernels, hard_concrete, har
 from metabench.nn.sparse_experts import SparseInterpolatedExperts
 from tests.test_smat import _episode
 
+M = 8  # experts: SMAT's default, the count the fixture compiles for (another count compiles again)
+DENSITY_GRAD = torch.linspace(-1.3, 2.1, M)
+
 
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
@@ -28,7 +31,7 @@ def vit() -> nn.Module:
 @pytest.fixture(scope="module", autouse=True)
 def _compiler() -> None:
     for noise in (False, True):
-        if not MaskKernels(noise).ready(torch.device("cpu")):
+        if not MaskKernels(noise, M).ready(torch.device("cpu")):
             pytest.skip("torch.compile has no working C++ compiler here; the eager path is tested elsewhere")
 
 
@@ -42,7 +45,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-6, what
 
 
 def _experts(vit: nn.Module, noise: bool, fused: bool) -> SparseInterpolatedExperts:
-    experts = SparseInterpolatedExperts(_params(vit), n_experts=3, noise=noise, init_mean=0.5, init_std=2.0,
+    experts = SparseInterpolatedExperts(_params(vit), n_experts=M, noise=noise, init_mean=0.5, init_std=2.0,
                                         generator=torch.Generator().manual_seed(2))
     for d in experts.delta.values():
         d.data.normal_(std=0.1, generator=torch.Generator().manual_seed(3))
@@ -55,7 +58,7 @@ def _task_grads(vit: nn.Module, experts: SparseInterpolatedExperts, merge) -> di
     """Two tasks' backward through ``merge(alpha)``; alpha's gradients."""
     x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     out = {}
-    for i, row in enumerate(torch.tensor([[0.1, -0.4, 0.9], [1.2, 0.3, -0.2]])):
+    for i, row in enumerate(torch.randn(2, M, generator=torch.Generator().manual_seed(5))):
         leaf = row.clone().requires_grad_()
         functional_call(vit, experts.merge(_params(vit), merge(leaf.softmax(0))), (x,)).square().mean().backward()
         out[f"alpha{i}"] = leaf.grad
@@ -78,7 +81,7 @@ def test_the_fused_merge_takes_the_gate_cache_gradients(vit, noise: bool, keep_n
             density, expected = experts.density(cache.z), experts.expected_density().detach()
             merge = cache
         deltas = {k: p.grad.clone() for k, p in experts.delta.items()}
-        merge.flush(torch.tensor([0.7, -1.3, 2.1]))
+        merge.flush(DENSITY_GRAD)
         runs[fused] = (grads, deltas, density, expected, {k: p.grad.clone() for k, p in experts.mask_logits.items()})
     (g0, dl0, d0, e0, l0), (g1, dl1, d1, e1, l1) = runs[False], runs[True]
     for k in g0:
@@ -94,9 +97,9 @@ def test_the_fused_merge_takes_the_gate_cache_gradients(vit, noise: bool, keep_n
 def test_fused_kernels_give_the_eager_operations_results() -> None:
     """One task's gate gradient and update, directly: the elementwise results are the eager ones to 1e-6."""
     g = torch.Generator().manual_seed(0)
-    la, alpha = (torch.randn(4, 6, 5, generator=g) * 2).clamp(-4.61, 4.61), torch.rand(4, generator=g)
-    delta, grad, scale = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g), torch.rand(4, generator=g)
-    kernels = MaskKernels()
+    la, alpha = (torch.randn(M, 6, 5, generator=g) * 2).clamp(-4.61, 4.61), torch.rand(M, generator=g)
+    delta, grad, scale = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g), torch.rand(M, generator=g)
+    kernels = MaskKernels(n_experts=M)
     z = hard_concrete(la)
     _close(kernels("merge", la, None, alpha, delta), torch.tensordot(alpha, z, dims=1) * delta, what="update")
     eager = hard_concrete_backward(alpha[:, None, None] * grad * delta, la)
@@ -168,6 +171,6 @@ def test_a_fused_merge_keeping_its_noise_draws_it_once_per_update(vit, keep_nois
     merge = FusedMerge(experts, noise_seed=7, keep_noise=keep_noise)
     _task_grads(vit, experts, merge.updates)  # two tasks: forward and backward each
     merge.statistics()
-    merge.flush(torch.tensor([0.7, -1.3, 2.1]))
+    merge.flush(DENSITY_GRAD)
     fused = [k for k, la in experts.mask_logits.items() if la.dim() == 3 and min(la.shape[1:]) > 1]
     assert fused and {draws[k] for k in fused} == ({1} if keep_noise else {2 * 2 + 1})  # two merges and backwards, the flush
