@@ -211,7 +211,8 @@ class _FusedUpdate(torch.autograd.Function):
         kernels, args = merge.experts.kernels, (la, noise, alpha.to(la.dtype), delta.detach())
         if t.key in merge.counts:
             return kernels("merge", *args)  # type: ignore[misc]
-        update, *merge.counts[t.key] = kernels("merge_counts", *args)  # type: ignore[misc]
+        update, opened, expected = kernels("merge_counts", *args)  # type: ignore[misc]
+        merge.counts[t.key] = [opened, expected]  # the update's gates: the same for all its tasks
         return update
 
     @staticmethod
