@@ -294,7 +294,12 @@ def _run_guarded(args: argparse.Namespace, *, debug: bool) -> int:
     with watch_run_folders() as runs:
         try:
             _load_plugins(args.plugin)
-            return args.func(args)
+            result = args.func(args)
+            if isinstance(result, str):  # a data command's report (metabench/cli_data.py): stdout, exit 0
+                if result:
+                    print(result)
+                return 0
+            return result
         except KeyboardInterrupt:
             kept = runs.abandon("interrupted", "stopped with Ctrl-C")
             where = (f"the unfinished run is kept in {kept[0]} (status \"interrupted\"); continue it with "

@@ -16,14 +16,13 @@ def plugin_arg(p: argparse.ArgumentParser) -> None:
                    help="import a .py file or module first, so the learners it registers can be used (repeatable)")
 
 
-def cmd_episodes(args: argparse.Namespace) -> int:
+def cmd_episodes(args: argparse.Namespace) -> str:
+    """``metabench episodes``; returns what it reports (the CLI prints it)."""
     from episodes.episode import Split
     from episodes.suites import freeze_named, list_suites
 
     if args.action == "ls":
-        for name in list_suites(args.out):
-            print(name)
-        return 0
+        return "\n".join(list_suites(args.out))
     if args.action == "import":
         return _import_episodes(args)
     if args.suite is None:
@@ -39,11 +38,10 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     suite = freeze_named(args.suite, n=args.n, seed=args.seed, sources=sources,
                          split=Split(args.split) if args.split else None, image_size=args.image_size,
                          directory=args.out, sampler_cfg=data.sampler if "sampler" in given else None)
-    print(f"Froze suite {suite.name}: {len(suite)} episodes -> {suite.path}")
-    return 0
+    return f"Froze suite {suite.name}: {len(suite)} episodes -> {suite.path}"
 
 
-def _prepare(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> str:
     from episodes.prepare import prepare
     from metabench.config import load_data_config
 
@@ -56,11 +54,10 @@ def _prepare(args: argparse.Namespace) -> int:
     summary = prepare(args.source, args.inputs, out, image_size=args.image_size, store=args.store,
                       progress=not args.quiet, allow_missing=args.allow_missing, overwrite=args.overwrite,
                       reencode_jpeg=args.reencode_jpeg)
-    print(summary.describe())
-    return 0
+    return summary.describe()
 
 
-def _import_episodes(args: argparse.Namespace) -> int:
+def _import_episodes(args: argparse.Namespace) -> str:
     from episodes.configured import build_sources
     from episodes.suite_import import import_suite, read_episode_file, referenced_sources
     from metabench.config import load_data_config
@@ -76,17 +73,16 @@ def _import_episodes(args: argparse.Namespace) -> int:
                               "that receives the dumped images as <name>.h5.")
         h5, suite = import_md_dump(args.file, args.name, args.data_out or data.root,
                                    image_size=args.image_size or 84, directory=args.out)
-        print(f"Imported suite {suite.name}: {len(suite)} episodes -> {suite.path}; images -> {h5} (evaluate with "
-              f"data.sources.{suite.name}.kind=h5 data.sources.{suite.name}.path={h5})")
-        return 0
+        return (f"Imported suite {suite.name}: {len(suite)} episodes -> {suite.path}; images -> {h5} (evaluate with "
+                f"data.sources.{suite.name}.kind=h5 data.sources.{suite.name}.path={h5})")
     _, episodes = read_episode_file(args.file)
     sources = build_sources(referenced_sources(episodes), data.root, data.sources)
     suite = import_suite(args.file, args.name, sources, directory=args.out)
-    print(f"Imported suite {suite.name}: {len(suite)} episodes -> {suite.path}")
-    return 0
+    return f"Imported suite {suite.name}: {len(suite)} episodes -> {suite.path}"
 
 
-def cmd_data(args: argparse.Namespace) -> int:
+def cmd_data(args: argparse.Namespace) -> str:
+    """``metabench data``; returns what it reports (the CLI prints it)."""
     from episodes.convert import convert_configured, convert_named
     from metabench.config import load_data_config
 
@@ -99,8 +95,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     else:
         path = convert_named(args.source, data.root, args.out, image_size=args.image_size, store=args.store,
                              progress=not args.quiet)
-    print(f"Wrote {path}")
-    return 0
+    return f"Wrote {path}"
 
 
 def source_config_args(p: argparse.ArgumentParser) -> None:
