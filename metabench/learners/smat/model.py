@@ -34,7 +34,6 @@ fine-tuning protocols work unchanged; no inner step at zero-shot, as upstream.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,14 +41,15 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
-from episodes.episode import Episode, Support
+from episodes.episode import Episode
 from metabench.distributed import average_tensor, world_size
 from metabench.learners import LEARNERS
-from metabench.learners.base import ProtoState, PrototypeLearner, TaskState
+from metabench.learners.base import PrototypeLearner
 from metabench.learners.smat.config import SMATConfig
+from metabench.learners.smat.evaluation import SMATEvaluation, SMATState
 from metabench.learners.smat.losses import LagrangianSparsity, distillation, make_schedulers
 from metabench.learners.smat.optim import SMATOptimisation
 from metabench.learners.smat.probes import SMATProbes
@@ -57,7 +57,6 @@ from metabench.nn.expert_merge import (
     EvaluationMerge,
     FusedMerge,
     GateCache,
-    MergedView,
     expected_density_backward,
     recomputed_updates,
     training_statistics,
@@ -73,13 +72,6 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SMATState(ProtoState):
-    """A SMAT task: the merged (and possibly fine-tuned) model, its prototypes and the router's alpha."""
-
-    expert_scores: Tensor | None = None  # alpha [M]
-
-
-@dataclass
 class _TaskOutcome:
     loss: Tensor
     ce: float
@@ -89,7 +81,7 @@ class _TaskOutcome:
 
 
 @LEARNERS.register("smat")
-class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
+class SMAT(SMATProbes, SMATOptimisation, SMATEvaluation, PrototypeLearner):
     """Sparse MetA-Tuning (ICML 2024): sparse interpolated experts mixed per task by a support-set router; the
     paper preset trains it with the upstream code's recipe."""
 
@@ -343,59 +335,3 @@ class SMAT(SMATProbes, SMATOptimisation, PrototypeLearner):
                 "sparsity": 1.0 - float(density.mean()), "temperature": temperature,
                 "lambda": float(self.lagrangian.multipliers.detach().mean()) if self.lagrangian is not None else 0.0,
                 "lr_delta": lr, **self._dynamics(alpha, density)}
-
-    # -- evaluation ----------------------------------------------------------------------------------
-
-    def expert_scores(self, support: Support) -> Tensor:
-        """Evaluation merge weights alpha ``[M]`` for a task (sigmoid of the router logits, normalised)."""
-        with torch.no_grad():
-            prototypes = self._pretrained_prototypes(support.x, support.y, support.way)
-            return self.router.alpha(prototypes, self.temperature(), sample=False)[0].float()
-
-    def _evaluation_merge(self) -> EvaluationMerge:
-        """What every evaluation task's merge shares, computed once until the experts change (for elementwise
-        masks on a ViT-S, recomputing the gates alone cost half a forward pass of a 75-image episode)."""
-        if self._eval_merge is None:
-            self._eval_merge = EvaluationMerge(self.experts)
-        return self._eval_merge
-
-    def invalidate_caches(self) -> None:
-        """Forget the evaluation merge: called by every update, state load and device move; call it after
-        editing the delta or the mask logits by hand."""
-        self._eval_merge = None
-
-    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        self.invalidate_caches()
-        return super().load_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> SMAT:  # .to(), .cuda(), .half(): new tensors
-        self.invalidate_caches()
-        return super()._apply(fn, *args, **kwargs)
-
-    def _merged(self, alpha: Tensor) -> tuple[dict[str, Tensor], float]:
-        """Merged targeted weights and the share of targeted entries the task's merged mask zeroes."""
-        merge = self._evaluation_merge()
-        return merge.merged(self._base(), alpha), merge.zero_fraction(alpha)
-
-    def _task(self, support: Support, *, copy_model: bool = True) -> tuple[nn.Module, Tensor, float]:
-        """(the backbone holding theta_i: a dense copy, or a ``MergedView`` when ``copy_model`` is False; the task's
-        expert weights; its merged-mask sparsity)."""
-        alpha = self.expert_scores(support)
-        theta, sparsity = self._merged(alpha)
-        if not copy_model:
-            return MergedView(self.backbone, theta), alpha, sparsity
-        # The copy takes the merged tensors as its parameters instead of copying the frozen ones and overwriting them.
-        memo: dict[int, Any] = {id(p): nn.Parameter(theta[n], requires_grad=False)
-                                for n, p in self.backbone.named_parameters() if n in theta}
-        model = copy.deepcopy(self.backbone, memo)
-        return model.requires_grad_(False), alpha, sparsity
-
-    def task_model(self, support: Support) -> nn.Module:
-        """A dense copy of the backbone holding theta_i, so fine-tuning protocols can deep-copy and train it."""
-        return self._task(support)[0]
-
-    def adapt(self, support: Support, *, mode: str = "zero_shot", steps: int = 0, options: Any = None) -> TaskState:
-        fine_tunes = mode != "zero_shot" and steps > 0  # as prototype_state decides: only then train a copy
-        model, alpha, sparsity = self._task(support, copy_model=fine_tunes)
-        state = self.prototype_state(model, support, mode=mode, steps=steps, options=options)
-        return SMATState(state.way, state.prototypes, state.model, sparsity, alpha)
