@@ -187,14 +187,17 @@ def measure_memory(cfg: dict[str, Any]) -> dict[str, Any]:
 def _warm_compiler(setting: str, dev: Any) -> float:
     """Compile SMAT's fused mask kernels before the RSS baseline (MiB it took): the compiler's code and caches
     are paid once per process, not per step, so they are reported beside the step's peak instead of in it."""
+    from metabench.learners import learner_config_class
+    from metabench.learners.smat.config import FUSED_KERNELS_FROM
+
     name, options = SETTINGS[setting]
-    if name != "smat" or options.get("structured", False) or options.get("mask_kernels") == "eager":
+    cfg = learner_config_class(name)(name=name, **options)
+    if name != "smat" or not cfg.fused_kernels(FUSED_KERNELS_FROM):  # as the learner decides for a ViT-S
         return 0.0
     from metabench.nn.hard_concrete import MaskKernels
 
     before = rss_mib()
-    for noise in (False, True):
-        MaskKernels(noise).ready(dev)
+    MaskKernels(cfg.mask_noise, cfg.n_experts).ready(dev)
     return round(rss_mib() - before, 1)
 
 
