@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from metabench.backbones import create_backbone
 from metabench.learners.smat.losses import LagrangianSparsity, distillation
+from metabench.learners.smat.optim import MaskSGD
 from metabench.nn.expert_merge import (
     EvaluationMerge,
     GateCache,
@@ -205,7 +206,7 @@ def test_sparsity_constraint_is_met_on_a_toy_problem() -> None:
     experts = SparseInterpolatedExperts(base, n_experts=4)
     lagrangian = LagrangianSparsity(4, tau=0.9)
     opt_delta = torch.optim.SGD(experts.delta.parameters(), lr=0.05, momentum=0.9)
-    opt_masks = torch.optim.SGD(experts.mask_logits.parameters(), lr=1e3)
+    opt_masks = MaskSGD(experts.mask_logits.parameters(), lr=1e3, clip=5.0)  # clip, SGD step, clamp
     losses = []
     for _ in range(60):
         opt_delta.zero_grad(), opt_masks.zero_grad()
@@ -218,9 +219,7 @@ def test_sparsity_constraint_is_met_on_a_toy_problem() -> None:
         density = experts.density(cache.z)
         lagrangian.penalty(experts.expected_density()).backward()
         cache.flush()
-        nn.utils.clip_grad_norm_(experts.mask_logits.parameters(), 5.0)
         opt_delta.step(), opt_masks.step()
-        experts.clamp_()
         lagrangian.ascend(density, 0.05)
         losses.append(loss.item())
     sparsity = 1 - experts.density()

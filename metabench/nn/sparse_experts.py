@@ -144,14 +144,6 @@ class SparseInterpolatedExperts(nn.Module):
             return None
         return {t.key: self.gate(t, training=training, noise_seed=noise_seed) for t in self.targets}
 
-    def clamp_(self) -> None:
-        """Keep the mask logits in [-4.61, 4.61], after a plain optimiser's step (SMAT's ``MaskSGD`` clamps in its
-        own step); not on every forward."""
-        if self.kind == "learned":
-            with torch.no_grad():
-                for p in self.mask_logits.values():
-                    p.clamp_(-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND)
-
     # -- merging -------------------------------------------------------------------------------------
 
     def merged_masks(self, alpha: Tensor, gates: Mapping[str, Tensor]) -> dict[str, Tensor]:
