@@ -146,7 +146,8 @@ def test_a_compiled_meta_update_takes_the_eager_gradients_and_step(memory: str, 
         step = 1e6 * float(g0[name].abs().max()) if name in masks else float(update.abs().max())
         tol = 1e-5 * step + 1e-6 * float(after.abs().max())
         assert float((p1[name][0] - after).abs().max()) <= tol, f"update of {name}"
-    assert m1["sparsity"] == m0["sparsity"] and m1["loss"] == pytest.approx(m0["loss"], rel=1e-6)
+    # the loss to the float32 rounding of the logits it is made of: relative, or 1e-7 for a loss near 0
+    assert m1["sparsity"] == m0["sparsity"] and m1["loss"] == pytest.approx(m0["loss"], rel=1e-6, abs=1e-7)
 
 
 def test_auto_fuses_only_large_elementwise_masks() -> None:

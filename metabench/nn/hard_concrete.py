@@ -9,8 +9,10 @@ computing a sigmoid, which made the masks' bookkeeping as costly as the backbone
 (``torch.compile``, dynamic in the mask shape, one pass per expert): the training gates' open count and expected
 density, the merge and its backward with the gates made on the fly (no M x |theta| gate tensor), the gate gradient
 with the expected density's, and the masks' clipped SGD step with its clamp. The jobs are plain tensor
-expressions of the same operations as the eager path; compiled, they agree with it to float rounding (tested to
-1e-6 elementwise). Where no compiler works, the first use says so once and the eager path runs instead.
+expressions of the eager path's functions, arranged for a CPU's arithmetic (one exponential serves a noise-free
+gate and its density, multiplications replace divisions: 0.40 -> 0.29 s per ViT-S update for the three gate jobs);
+compiled, they agree with it to float rounding (tested to 1e-6 elementwise). Where no compiler works, the first
+use says so once and the eager path runs instead.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ log = logging.getLogger(__name__)
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 LOG_ALPHA_BOUND = 4.61
 L0_SHIFT = -BETA * math.log(-GAMMA / ZETA)  # P(gate > 0) = sigmoid(log_alpha + L0_SHIFT); about 1.599
+# The fused jobs multiply by these instead of dividing by beta: on a CPU a vector division costs several
+# multiplications, and these jobs are bound by their arithmetic per mask entry
+_INV_BETA = 1.0 / BETA
+_GATE_SLOPE = (ZETA - GAMMA) / BETA  # d gate / d x inside the clamp, over s (1 - s)
+_EXP_NEG_SHIFT = math.exp(-L0_SHIFT)
 
 
 def hard_concrete(log_alpha: Tensor, noise: Tensor | None = None, beta: float = BETA) -> Tensor:
@@ -64,7 +71,7 @@ def hard_concrete_backward(grad: Tensor, log_alpha: Tensor, noise: Tensor | None
 def _gate(log_alpha: Tensor, noise: Tensor | None, m: int) -> tuple[Tensor, Tensor]:
     """(the stretched sigmoid's sigmoid, the gate before its clamp) of expert ``m``."""
     x = log_alpha[m] if noise is None else log_alpha[m] + noise[m]
-    s = torch.sigmoid(x / BETA)
+    s = torch.sigmoid(x * _INV_BETA)
     return s, s * (ZETA - GAMMA) + GAMMA
 
 
@@ -73,12 +80,25 @@ def _p_open(log_alpha: Tensor, m: int) -> Tensor:
     return torch.sigmoid(log_alpha[m] + L0_SHIFT)
 
 
+def _gate_and_p_open(log_alpha: Tensor, noise: Tensor | None, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``_gate`` and ``_p_open`` of expert ``m`` from one exponential where the gate has no noise: both sigmoids are
+    of log_alpha, sigmoid(x / beta) = 1 / (1 + e^1.5) and sigmoid(x + L0_SHIFT) = 1 / (1 + e exp(-L0_SHIFT)) with
+    e = exp(-x) (1 / beta = 3/2, so e^1.5 = e sqrt(e)); on a CPU these jobs are bound by their exponentials."""
+    if noise is not None:
+        return (*_gate(log_alpha, noise, m), _p_open(log_alpha, m))
+    h = torch.exp(-0.5 * log_alpha[m])
+    e = h * h
+    s = 1.0 / (1.0 + e * h)
+    return s, s * (ZETA - GAMMA) + GAMMA, 1.0 / (1.0 + _EXP_NEG_SHIFT * e)
+
+
 def _counts_job(log_alpha: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
     """(open training gates per expert, sum of P(z > 0) per expert): the measured and the expected density."""
     opened, expected = [], []
     for m in range(log_alpha.shape[0]):
-        opened.append((_gate(log_alpha, noise, m)[1] > 0).sum(dtype=torch.int32))
-        expected.append(_p_open(log_alpha, m).sum())
+        _, pre, p_open = _gate_and_p_open(log_alpha, noise, m)
+        opened.append((pre > 0).sum(dtype=torch.int32))
+        expected.append(p_open.sum())
     return torch.stack(opened), torch.stack(expected)
 
 
@@ -101,9 +121,9 @@ def _merge_counts_job(log_alpha: Tensor, noise: Tensor | None, alpha: Tensor,
     """``_merge_job`` with ``_counts_job`` from the same pass: an update's first task counts its gates as it merges."""
     mixed, opened, expected = None, [], []
     for m in range(log_alpha.shape[0]):
-        pre = _gate(log_alpha, noise, m)[1]
+        _, pre, p_open = _gate_and_p_open(log_alpha, noise, m)
         opened.append((pre > 0).sum(dtype=torch.int32))
-        expected.append(_p_open(log_alpha, m).sum())
+        expected.append(p_open.sum())
         z = pre.clamp(0.0, 1.0) * alpha[m]
         mixed = z if mixed is None else mixed + z
     return mixed * delta, torch.stack(opened), torch.stack(expected)
@@ -129,10 +149,9 @@ def _flush_job(log_alpha: Tensor, noise: Tensor | None, alphas: Tensor, grad_mas
         for t in range(grad_masks.shape[0]):
             g = alphas[t, m] * grad_masks[t]
             grad_gate = g if grad_gate is None else grad_gate + g
-        s, pre = _gate(log_alpha, noise, m)
+        s, pre, p_open = _gate_and_p_open(log_alpha, noise, m)
         inside = (pre >= 0.0) & (pre <= 1.0)
-        p_open = _p_open(log_alpha, m)
-        out.append(torch.where(inside, grad_gate * (ZETA - GAMMA) * (1.0 - s) * s / BETA, 0.0)
+        out.append(torch.where(inside, grad_gate * _GATE_SLOPE * (1.0 - s) * s, 0.0)
                    + scale[m] * (1.0 - p_open) * p_open)
     return torch.stack(out)
 
