@@ -240,13 +240,12 @@ def _label(masks: str) -> str:
     return masks.replace("_recompute", " (eager, gates recomputed)").replace("_eager", " (eager masks)")
 
 
-def _step_note(timing: dict[str, Any], masks: str, teacher: str) -> str:
+def _step_note(timing: dict[str, Any], masks: str, teacher: str, ratio: float | None) -> str:
     """The pairing, and for elementwise masks the floor beneath them: the structured step is the same task work
     (router, inner step, query loss, teacher) with masks that cost almost nothing, so no elementwise kernel can
     bring the step below it; the difference is what the 8 x |theta| mask logits cost on this machine."""
     note = f"paired over {timing['rounds']} rounds"
     floor = timing["ratio_to_pmf"].get(f"smat_structured_{teacher}")
-    ratio = timing["ratio_to_pmf"].get(f"smat_{masks}_{teacher}")
     if masks == "structured" or floor is None or ratio is None:
         return note
     return f"{note}; structured floor {floor:.2f}x, the elementwise masks add {ratio - floor:.2f}x"
@@ -261,7 +260,7 @@ def _targets(timing: dict[str, Any], memory: dict[str, Any]) -> list[Target]:
                     continue
                 ratio = t["ratio_to_pmf"].get(f"smat_{masks}_{teacher}")
                 targets.append(Target(f"{alias}: SMAT {_label(masks)} {teacher.replace('_', ' ')} / PMF, step time",
-                                      ratio, bound, "max", "x", _step_note(t, masks, teacher)))
+                                      ratio, bound, "max", "x", _step_note(t, masks, teacher, ratio)))
     for alias, m in memory.items():
         for masks, bound in MEMORY_TARGETS.items():
             key = "cuda_step_peak_mib" if "cuda_step_peak_mib" in m["pmf"] else "step_peak_mib"

@@ -82,8 +82,9 @@ def _p_open(log_alpha: Tensor, m: int) -> Tensor:
 
 def _gate_and_p_open(log_alpha: Tensor, noise: Tensor | None, m: int) -> tuple[Tensor, Tensor, Tensor]:
     """``_gate`` and ``_p_open`` of expert ``m`` from one exponential where the gate has no noise: both sigmoids are
-    of log_alpha, sigmoid(x / beta) = 1 / (1 + e^1.5) and sigmoid(x + L0_SHIFT) = 1 / (1 + e exp(-L0_SHIFT)) with
-    e = exp(-x) (1 / beta = 3/2, so e^1.5 = e sqrt(e)); on a CPU these jobs are bound by their exponentials."""
+    of log_alpha x, and with h = exp(-x / 2), sigmoid(x / beta) = 1 / (1 + h^3) (this needs 1 / beta = 3/2, BETA's
+    value) and sigmoid(x + L0_SHIFT) = 1 / (1 + exp(-L0_SHIFT) h^2); on a CPU these jobs are bound by their
+    exponentials."""
     if noise is not None:
         return (*_gate(log_alpha, noise, m), _p_open(log_alpha, m))
     h = torch.exp(-0.5 * log_alpha[m])
